@@ -1,0 +1,59 @@
+//! Helpers for the end-to-end tests in `tests/`: locating the built binaries and the read-only
+//! reference data in `../shared`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A binary of the workspace, built by `cargo test --workspace` next to the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target folder");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is not built; run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// The workspace's `../shared` item, or `None` (with a message) when it is absent. Under CI
+/// (`CI` set) a missing item fails the test instead: CI must never pass by skipping.
+pub fn shared(relative: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared")
+        .join(relative);
+    if path.exists() {
+        return Some(path);
+    }
+    let msg = format!("../shared/{relative} is missing");
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg} (CI is set, so this is a failure, not a skip)");
+    }
+    eprintln!("skipping: {msg}");
+    None
+}
+
+/// Runs a command and returns its output; panics with both streams if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    eprintln!("$ {cmd:?}\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Copies the first `n` files (by name order) of `src` into `dst`.
+pub fn copy_first(src: &Path, dst: &Path, n: usize) {
+    std::fs::create_dir_all(dst).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(src)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    for f in files.into_iter().take(n) {
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+}
