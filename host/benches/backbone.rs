@@ -1,0 +1,45 @@
+//! Backbone forward throughput (photos/s) with 1 and 2 threads: the feature-extraction hot path.
+//!
+//! Needs `../shared/backbones/efficientnet-lite0-57934424.pth`; skips with a message without it.
+//! Run: `cargo bench -p petcam-host --bench backbone`.
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use petcam_host::backbone::Backbone;
+use petcam_host::test_support::shared_dir;
+
+fn backbone_forward(c: &mut Criterion) {
+    let Some(weights) = shared_dir()
+        .map(|d| d.join("backbones/efficientnet-lite0-57934424.pth"))
+        .filter(|p| p.is_file())
+    else {
+        eprintln!("skipping: ../shared/backbones/efficientnet-lite0-57934424.pth is missing");
+        return;
+    };
+    let net = Backbone::load("efficientnet-lite0", &weights, &Device::Cpu).unwrap();
+    let batch = 32;
+    // A deterministic, photo-like input (smooth gradients with texture).
+    let pixels: Vec<u8> = (0..batch * 224 * 224 * 3)
+        .map(|i| ((i * 7 + (i / 672) * 3) % 251) as u8)
+        .collect();
+    let rgb = Tensor::from_vec(pixels, (batch, 224, 224, 3), &Device::Cpu).unwrap();
+
+    let mut group = c.benchmark_group("efficientnet_lite0_forward");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(batch as u64));
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        // candle sizes its matrix products from RAYON_NUM_THREADS, read on every call.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        group.bench_function(format!("batch{batch}_threads{threads}"), |b| {
+            b.iter(|| pool.install(|| net.features(&rgb).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, backbone_forward);
+criterion_main!(benches);

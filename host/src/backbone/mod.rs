@@ -1,0 +1,277 @@
+//! Frozen ImageNet backbones, "headless": RGB photo in, pooled feature vector out.
+//!
+//! Every backbone is reduced at load time to the same inference form, [`Backbone`]: a stem
+//! convolution, inverted-residual blocks (optional 1x1 expansion, depthwise, 1x1 projection,
+//! optional residual add) and a 1x1 head convolution, with BatchNorm already folded into each
+//! convolution's weight and bias. candle runs that form for feature extraction, and the ONNX
+//! exporter walks the very same layers, so the exported graph cannot drift from what was trained on.
+
+pub mod efficientnet_lite;
+pub mod ops;
+mod pickle;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+pub use efficientnet_lite::EfficientNetLiteConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+    #[error("{path}: missing or malformed weight {name}: {source}")]
+    Parameter {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("backbone forward pass failed: {0}")]
+    Forward(#[from] candle_core::Error),
+}
+
+/// Pointwise non-linearity after a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Linear,
+    Relu6,
+}
+
+/// Zero padding of a convolution; asymmetric where TensorFlow's SAME padding asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding {
+    pub top: usize,
+    pub left: usize,
+    pub bottom: usize,
+    pub right: usize,
+}
+
+impl Padding {
+    pub fn symmetric(p: usize) -> Self {
+        Self {
+            top: p,
+            left: p,
+            bottom: p,
+            right: p,
+        }
+    }
+
+    pub fn is_symmetric(&self) -> bool {
+        self.top == self.bottom && self.left == self.right && self.top == self.left
+    }
+}
+
+/// A convolution with BatchNorm folded in: `activation(conv(x, weight) + bias)`.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    /// `[out_channels, in_channels / groups, kh, kw]`.
+    pub weight: Tensor,
+    /// `[out_channels]`.
+    pub bias: Tensor,
+    pub stride: usize,
+    pub padding: Padding,
+    pub groups: usize,
+    pub activation: Activation,
+}
+
+impl Conv {
+    /// Folds an inference-mode BatchNorm into a bias-free convolution weight.
+    pub fn fold_batch_norm(
+        weight: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let scale = gamma.div(&(var + eps)?.sqrt()?)?;
+        let cout = weight.dim(0)?;
+        let w = weight.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let b = (beta - mean.mul(&scale)?)?;
+        Ok((w, b))
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn kernel_size(&self) -> usize {
+        self.weight.dims()[2]
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel_size() == 1 && self.stride == 1 && self.groups == 1
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.weight.dims()[1] == 1 && self.groups == self.out_channels()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let cout = self.out_channels();
+        let y = if self.is_pointwise() {
+            if x.device().is_cpu() {
+                return ops::pointwise(x, &self.weight, &self.bias, self.activation);
+            }
+            // A 1x1 convolution is one matrix product per image; the broadcast weight has batch
+            // stride 0, so candle's matmul reads it in place instead of copying it per image.
+            let wt = self.weight.reshape((cout, c))?;
+            let y = wt
+                .broadcast_as((b, cout, c))?
+                .matmul(&x.reshape((b, c, h * w))?)?;
+            return ops::bias_activation(&y, &self.bias, self.activation)?.reshape((b, cout, h, w));
+        } else if self.is_depthwise() && x.device().is_cpu() {
+            return ops::depthwise(
+                x,
+                &self.weight,
+                &self.bias,
+                self.stride,
+                self.padding,
+                self.activation,
+            );
+        } else {
+            let x = if self.padding.is_symmetric() {
+                x.clone()
+            } else {
+                x.pad_with_zeros(2, self.padding.top, self.padding.bottom)?
+                    .pad_with_zeros(3, self.padding.left, self.padding.right)?
+            };
+            let pad = if self.padding.is_symmetric() {
+                self.padding.top
+            } else {
+                0
+            };
+            x.conv2d(&self.weight, pad, self.stride, 1, self.groups)?
+        };
+        let (_, _, oh, ow) = y.dims4()?;
+        ops::bias_activation(&y.reshape((b, cout, oh * ow))?, &self.bias, self.activation)?
+            .reshape((b, cout, oh, ow))
+    }
+}
+
+/// An inverted-residual block (MBConv / MobileNetV2 bottleneck), BatchNorm folded.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub expand: Option<Conv>,
+    pub depthwise: Conv,
+    pub project: Conv,
+    /// Adds the block's input to its output (stride 1, same channel count).
+    pub residual: bool,
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = match &self.expand {
+            Some(e) => e.forward(x)?,
+            None => x.clone(),
+        };
+        y = self.depthwise.forward(&y)?;
+        y = self.project.forward(&y)?;
+        if self.residual {
+            y = (y + x)?;
+        }
+        Ok(y)
+    }
+}
+
+/// How RGB bytes become network input: `x = (pixel - mean) / std`, the same for all channels.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalization {
+    pub mean: f32,
+    pub std: f32,
+}
+
+/// The ImageNet 1000-class top, kept only to check the backbone against reference outputs.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    /// `[classes, features]`.
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+/// A frozen backbone in inference form.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    /// Short name written into reports and model metadata, e.g. `efficientnet-lite0`.
+    pub name: String,
+    pub input_size: usize,
+    pub normalization: Normalization,
+    pub stem: Conv,
+    pub blocks: Vec<Block>,
+    pub head: Conv,
+    pub classifier: Option<Classifier>,
+    /// Where the weights came from and their SHA-256: part of the feature cache key.
+    pub weights_path: PathBuf,
+    pub weights_sha256: String,
+}
+
+impl Backbone {
+    /// Loads a backbone by name from a weights file.
+    pub fn load(name: &str, path: &Path, device: &Device) -> Result<Self, BackboneError> {
+        match name {
+            "efficientnet-lite0" => {
+                efficientnet_lite::load(&EfficientNetLiteConfig::lite0(), path, device)
+            }
+            other => Err(BackboneError::Parameter {
+                path: path.to_owned(),
+                name: other.to_owned(),
+                source: candle_core::Error::Msg(format!("unknown backbone {other}")),
+            }),
+        }
+    }
+
+    pub fn feature_dim(&self) -> usize {
+        self.head.out_channels()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.stem.weight.device()
+    }
+
+    /// RGB bytes `[batch, height, width, 3]` (u8) to normalised NCHW float input.
+    pub fn normalize(&self, rgb: &Tensor) -> candle_core::Result<Tensor> {
+        let n = self.normalization;
+        rgb.to_dtype(DType::F32)?
+            .affine(1.0 / n.std as f64, -(n.mean / n.std) as f64)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+
+    /// Normalised NCHW input to pooled features `[batch, feature_dim]`.
+    pub fn forward_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.from_stem(self.stem.forward(x)?)
+    }
+
+    fn from_stem(&self, mut y: Tensor) -> candle_core::Result<Tensor> {
+        for block in &self.blocks {
+            y = block.forward(&y)?;
+        }
+        self.head.forward(&y)?.mean((2, 3))
+    }
+
+    /// RGB bytes `[batch, height, width, 3]` to pooled features `[batch, feature_dim]`.
+    pub fn features(&self, rgb: &Tensor) -> candle_core::Result<Tensor> {
+        if !rgb.device().is_cpu() || self.stem.groups != 1 {
+            return self.forward_features(&self.normalize(rgb)?);
+        }
+        self.from_stem(ops::stem_from_rgb(rgb, &self.stem, self.normalization)?)
+    }
+
+    /// ImageNet logits from pooled features, when the checkpoint carries its classifier.
+    pub fn imagenet_logits(&self, features: &Tensor) -> Option<candle_core::Result<Tensor>> {
+        let c = self.classifier.as_ref()?;
+        Some(
+            features
+                .matmul(&c.weight.t().ok()?)
+                .and_then(|l| l.broadcast_add(&c.bias)),
+        )
+    }
+}
+
+/// Index of the largest value in each row.
+pub fn argmax_rows(t: &Tensor) -> candle_core::Result<Vec<u32>> {
+    t.argmax(D::Minus1)?.to_vec1::<u32>()
+}

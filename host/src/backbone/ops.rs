@@ -1,0 +1,488 @@
+//! candle custom ops for the backbone's hot spots on CPU.
+//!
+//! candle 0.11 runs a grouped convolution as one convolution per group, so a depthwise layer with
+//! 1152 channels costs 1152 tiny convolutions. [`depthwise`] instead calls the slice kernel in
+//! `petcam-shared` (the same code the device runs), one channel plane per rayon task.
+//! [`pointwise`] runs a 1x1 convolution as one matrix product per image and per block of
+//! pixels, with the folded-BatchNorm bias and ReLU6 applied while the block is still in cache
+//! (candle would copy the input for im2col, then make two more passes for bias and activation).
+//! [`bias_activation`] fuses bias and ReLU6 into one pass for the remaining convolutions.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use petcam_shared::depthwise::{self, DepthwiseConv};
+use rayon::prelude::*;
+
+use super::{Activation, Padding};
+
+fn shared_activation(a: Activation) -> depthwise::Activation {
+    match a {
+        Activation::Linear => depthwise::Activation::None,
+        Activation::Relu6 => depthwise::Activation::Clamp { min: 0.0, max: 6.0 },
+    }
+}
+
+/// The contiguous f32 slice behind a storage and layout.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected an f32 tensor")
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+struct Depthwise {
+    stride: usize,
+    padding: Padding,
+    activation: Activation,
+}
+
+impl CustomOp3 for Depthwise {
+    fn name(&self) -> &'static str {
+        "petcam-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = xl.shape().dims4()?;
+        let (wc, _, kh, kw) = wl.shape().dims4()?;
+        if wc != c {
+            candle_core::bail!("depthwise: weight has {wc} channels, input has {c}");
+        }
+        let x = f32_slice(xs, xl, "depthwise input")?;
+        let weight = f32_slice(ws, wl, "depthwise weight")?;
+        let bias = f32_slice(bs, bl, "depthwise bias")?;
+        let conv = DepthwiseConv {
+            channels: c,
+            in_h: h,
+            in_w: w,
+            kernel_h: kh,
+            kernel_w: kw,
+            stride_h: self.stride,
+            stride_w: self.stride,
+            pad_top: self.padding.top,
+            pad_left: self.padding.left,
+            pad_bottom: self.padding.bottom,
+            pad_right: self.padding.right,
+            activation: shared_activation(self.activation),
+        };
+        let (oh, ow) = (conv.out_h(), conv.out_w());
+        conv.validate(c * h * w, weight.len(), Some(bias.len()), c * oh * ow)
+            .map_err(|e| candle_core::Error::Msg(format!("depthwise: {e}")))?;
+        let mut out = vec![0f32; b * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let ch = plane % c;
+                conv.run_channel(
+                    ch,
+                    &x[plane * h * w..(plane + 1) * h * w],
+                    &weight[ch * kh * kw..(ch + 1) * kh * kw],
+                    bias[ch],
+                    o,
+                );
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+}
+
+/// Depthwise convolution `[b, c, h, w]` with weight `[c, 1, kh, kw]` and bias `[c]`, on CPU.
+pub fn depthwise(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: Padding,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        weight,
+        bias,
+        &Depthwise {
+            stride,
+            padding,
+            activation,
+        },
+    )
+}
+
+struct Pointwise(Activation);
+
+/// Output pixels per block: keeps a block of the output (`cout` rows) around 256 KiB, so the
+/// bias and clamp passes read it from L2 rather than memory.
+fn pointwise_block(cout: usize, hw: usize) -> usize {
+    (65536 / cout.max(1))
+        .next_multiple_of(16)
+        .max(64)
+        .min(hw.max(1))
+}
+
+/// One image: `out[cout, hw] = act(w[cout, cin] x x[cin, hw] + bias)`.
+fn pointwise_image(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    (cin, cout, hw): (usize, usize, usize),
+    act: Activation,
+    parallelism: gemm::Parallelism,
+) {
+    let nb = pointwise_block(cout, hw);
+    for j0 in (0..hw).step_by(nb) {
+        let n = nb.min(hw - j0);
+        for (c, &b) in bias.iter().enumerate() {
+            out[c * hw + j0..c * hw + j0 + n].fill(b);
+        }
+        // SAFETY: the matrices lie inside the slices: dst rows c*hw + j0 .. +n for c < cout in
+        // `out` (len cout*hw), lhs is `w` (len cout*cin, row stride cin), rhs rows
+        // r*hw + j0 .. +n for r < cin in `x` (len cin*hw). dst does not alias lhs or rhs.
+        unsafe {
+            gemm::gemm(
+                cout,
+                n,
+                cin,
+                out.as_mut_ptr().add(j0),
+                1,
+                hw as isize,
+                true,
+                w.as_ptr(),
+                1,
+                cin as isize,
+                x.as_ptr().add(j0),
+                1,
+                hw as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        if act == Activation::Relu6 {
+            for c in 0..cout {
+                out[c * hw + j0..c * hw + j0 + n]
+                    .iter_mut()
+                    .for_each(|v| *v = v.clamp(0.0, 6.0));
+            }
+        }
+    }
+}
+
+impl CustomOp3 for Pointwise {
+    fn name(&self) -> &'static str {
+        "petcam-pointwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, cin, h, w) = xl.shape().dims4()?;
+        let (cout, wcin, _, _) = wl.shape().dims4()?;
+        if wcin != cin {
+            candle_core::bail!("pointwise: weight takes {wcin} channels, input has {cin}");
+        }
+        let x = f32_slice(xs, xl, "pointwise input")?;
+        let weight = f32_slice(ws, wl, "pointwise weight")?;
+        let bias = f32_slice(bs, bl, "pointwise bias")?;
+        if weight.len() != cout * cin || bias.len() != cout {
+            candle_core::bail!("pointwise: weight or bias has the wrong size for {cout} outputs");
+        }
+        let hw = h * w;
+        let mut out = vec![0f32; b * cout * hw];
+        let dims = (cin, cout, hw);
+        let threads = rayon::current_num_threads();
+        if b >= threads {
+            // Enough images to keep every thread busy: one image per task, no sync inside gemm.
+            out.par_chunks_mut(cout * hw)
+                .zip(x.par_chunks(cin * hw))
+                .for_each(|(o, xi)| {
+                    pointwise_image(xi, weight, bias, o, dims, self.0, gemm::Parallelism::None)
+                });
+        } else {
+            for (o, xi) in out.chunks_mut(cout * hw).zip(x.chunks(cin * hw)) {
+                let par = gemm::Parallelism::Rayon(threads);
+                pointwise_image(xi, weight, bias, o, dims, self.0, par);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+    }
+}
+
+/// 1x1 convolution `[b, cin, h, w]` with weight `[cout, cin, 1, 1]` and bias `[cout]`, on CPU.
+pub fn pointwise(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(weight, bias, &Pointwise(activation))
+}
+
+/// The stem: normalisation of RGB bytes fused into an im2col convolution, so the network's first
+/// layer reads the u8 NHWC photo directly (no float copy, no transpose pass).
+struct StemFromRgb {
+    stride: usize,
+    padding: Padding,
+    activation: Activation,
+    mean: f32,
+    std: f32,
+}
+
+impl CustomOp3 for StemFromRgb {
+    fn name(&self) -> &'static str {
+        "petcam-stem-conv2d-rgb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = xl.shape().dims4()?;
+        let (cout, wc, kh, kw) = wl.shape().dims4()?;
+        let CpuStorage::U8(rgb) = xs else {
+            candle_core::bail!("stem: expected u8 RGB input")
+        };
+        let Some((start, end)) = xl.contiguous_offsets() else {
+            candle_core::bail!("stem: expected a contiguous input")
+        };
+        let rgb = &rgb[start..end];
+        if wc != c {
+            candle_core::bail!("stem: weight takes {wc} channels, input has {c}");
+        }
+        let weight = f32_slice(ws, wl, "stem weight")?;
+        let bias = f32_slice(bs, bl, "stem bias")?;
+        let p = self.padding;
+        let oh = (h + p.top + p.bottom - kh) / self.stride + 1;
+        let ow = (w + p.left + p.right - kw) / self.stride + 1;
+        let (k, n) = (c * kh * kw, oh * ow);
+        let (scale, shift) = (1.0 / self.std, -self.mean / self.std);
+        let mut out = vec![0f32; b * cout * n];
+        out.par_chunks_mut(cout * n)
+            .zip(rgb.par_chunks(h * w * c))
+            .for_each(|(o, img)| {
+                // col[(ci, ky, kx), (oy, ox)]; padding is zero in normalised space.
+                let mut col = vec![0f32; k * n];
+                for ci in 0..c {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let row = &mut col[((ci * kh + ky) * kw + kx) * n..][..n];
+                            for oy in 0..oh {
+                                let y = (oy * self.stride + ky) as isize - p.top as isize;
+                                if y < 0 || y >= h as isize {
+                                    continue;
+                                }
+                                for ox in 0..ow {
+                                    let x = (ox * self.stride + kx) as isize - p.left as isize;
+                                    if x >= 0 && x < w as isize {
+                                        let px = img[(y as usize * w + x as usize) * c + ci];
+                                        row[oy * ow + ox] = px as f32 * scale + shift;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                pointwise_image(
+                    &col,
+                    weight,
+                    bias,
+                    o,
+                    (k, cout, n),
+                    self.activation,
+                    gemm::Parallelism::None,
+                );
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// `conv(normalise(rgb))` for RGB bytes `[b, h, w, 3]`, producing NCHW floats, on CPU.
+pub fn stem_from_rgb(
+    rgb: &Tensor,
+    conv: &super::Conv,
+    normalization: super::Normalization,
+) -> candle_core::Result<Tensor> {
+    rgb.contiguous()?.apply_op3_no_bwd(
+        &conv.weight,
+        &conv.bias,
+        &StemFromRgb {
+            stride: conv.stride,
+            padding: conv.padding,
+            activation: conv.activation,
+            mean: normalization.mean,
+            std: normalization.std,
+        },
+    )
+}
+
+struct BiasActivation(Activation);
+
+impl CustomOp2 for BiasActivation {
+    fn name(&self) -> &'static str {
+        "petcam-bias-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, n) = xl.shape().dims3()?;
+        let x = f32_slice(xs, xl, "bias input")?;
+        let bias = f32_slice(bs, bl, "bias")?;
+        if bias.len() != c {
+            candle_core::bail!("bias has {} values for {c} channels", bias.len());
+        }
+        let mut out = vec![0f32; b * c * n];
+        let act = self.0;
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .for_each(|(plane, (o, i))| {
+                let bv = bias[plane % c];
+                match act {
+                    Activation::Linear => o.iter_mut().zip(i).for_each(|(o, &i)| *o = i + bv),
+                    Activation::Relu6 => o
+                        .iter_mut()
+                        .zip(i)
+                        .for_each(|(o, &i)| *o = (i + bv).clamp(0.0, 6.0)),
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// `activation(x + bias)` for `x: [b, c, n]`, `bias: [c]`; one fused pass on CPU.
+pub fn bias_activation(
+    x: &Tensor,
+    bias: &Tensor,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(bias, &BiasActivation(activation));
+    }
+    let c = bias.dim(0)?;
+    let y = x.broadcast_add(&bias.reshape((1, c, 1))?)?;
+    match activation {
+        Activation::Linear => Ok(y),
+        Activation::Relu6 => y.clamp(0f32, 6f32),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The custom op must agree with candle's own grouped convolution.
+    #[test]
+    fn depthwise_matches_candle_grouped_conv() {
+        let dev = Device::Cpu;
+        for (k, stride, h) in [(3, 1, 9), (3, 2, 10), (5, 2, 11), (5, 1, 7)] {
+            let c = 6;
+            let x = Tensor::randn(0f32, 1.0, (2, c, h, h), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let pad = (k - 1) / 2;
+            let ours = depthwise(
+                &x,
+                &w,
+                &b,
+                stride,
+                Padding::symmetric(pad),
+                Activation::Relu6,
+            )
+            .unwrap();
+            let reference = x
+                .conv2d(&w, pad, stride, 1, c)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+                .unwrap()
+                .clamp(0f32, 6f32)
+                .unwrap();
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "k={k} stride={stride}: max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_candle_conv() {
+        let dev = Device::Cpu;
+        // Sizes that give several pixel blocks and a ragged last block.
+        for (b, cin, cout, h) in [(1, 3, 5, 4), (3, 16, 96, 37), (2, 40, 8, 9)] {
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, h), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (cout, cin, 1, 1), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            for act in [Activation::Linear, Activation::Relu6] {
+                let ours = pointwise(&x, &w, &bias, act).unwrap();
+                let mut reference = x
+                    .conv2d(&w, 0, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+                if act == Activation::Relu6 {
+                    reference = reference.clamp(0f32, 6f32).unwrap();
+                }
+                let diff = (ours - reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-4, "b={b} cin={cin} cout={cout}: max diff {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn bias_activation_clamps() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[-1f32, 2.0, 7.0], [0.5, 0.0, -3.0]]], &dev).unwrap();
+        let b = Tensor::new(&[1f32, -1.0], &dev).unwrap();
+        let y = bias_activation(&x, &b, Activation::Relu6).unwrap();
+        assert_eq!(
+            y.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![0.0, 3.0, 6.0], vec![0.0, 0.0, 0.0]]]
+        );
+        let y = bias_activation(&x, &b, Activation::Linear).unwrap();
+        assert_eq!(y.to_vec3::<f32>().unwrap()[0][1], vec![-0.5, -1.0, -4.0]);
+    }
+}
