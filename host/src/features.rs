@@ -1,0 +1,303 @@
+//! Running the frozen backbone over photos, with an on-disk cache.
+//!
+//! A feature vector depends only on the photo's bytes, the backbone's weights and the
+//! preprocessing, so that triple is the cache key: a second run over the same photos (or a run
+//! that adds a few photos) only extracts what it has not seen.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::backbone::Backbone;
+use crate::dataset::{self, Sample};
+
+/// Bumped whenever decoding or resizing changes in a way that changes the pixels.
+const PREPROCESS_VERSION: &str = "decode-exif-rgb/resize-bilinear-aa/v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error("backbone failed on a batch starting with {path}: {source}")]
+    Backbone {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("cannot write feature cache {path}: {source}; pass --cache-dir to use another folder")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A photo that was not used, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Features of the readable photos of a sample list, in the list's order.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureSet {
+    pub dim: usize,
+    /// `len() * dim` values, row-major.
+    pub features: Vec<f32>,
+    pub labels: Vec<usize>,
+    pub paths: Vec<PathBuf>,
+    /// SHA-256 of each photo's bytes (the dataset digest is built from these).
+    pub content_sha256: Vec<String>,
+}
+
+impl FeatureSet {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.features[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExtractStats {
+    pub cached: usize,
+    pub computed: usize,
+    pub skipped: Vec<Skipped>,
+    pub seconds: f64,
+    /// Throughput of decode + resize + backbone over the photos actually computed.
+    pub images_per_s: Option<f64>,
+}
+
+/// Feature vectors on disk, one small file per (photo content, backbone, preprocessing).
+#[derive(Debug, Clone)]
+pub struct FeatureCache {
+    dir: PathBuf,
+}
+
+impl FeatureCache {
+    /// A cache for one backbone under `root`, or none (`root` = `None`) to always recompute.
+    pub fn new(root: &Path, backbone: &Backbone) -> Self {
+        let mut h = Sha256::new();
+        for part in [
+            backbone.name.as_str(),
+            backbone.weights_sha256.as_str(),
+            &backbone.input_size.to_string(),
+            PREPROCESS_VERSION,
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        let key = hex::encode(h.finalize());
+        Self {
+            dir: root.join("features").join(&key[..16]),
+        }
+    }
+
+    fn path(&self, content_sha: &str) -> PathBuf {
+        self.dir
+            .join(&content_sha[..2])
+            .join(format!("{content_sha}.f32"))
+    }
+
+    fn get(&self, content_sha: &str, dim: usize) -> Option<Vec<f32>> {
+        let bytes = std::fs::read(self.path(content_sha)).ok()?;
+        // A cut-off entry (a run killed mid-write on a filesystem without atomic rename) is a miss.
+        (bytes.len() == dim * 4).then(|| {
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        })
+    }
+
+    fn put(&self, content_sha: &str, features: &[f32]) -> Result<(), FeatureError> {
+        let path = self.path(content_sha);
+        let err = |source| FeatureError::Cache {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(path.parent().unwrap()).map_err(err)?;
+        let bytes: Vec<u8> = features.iter().flat_map(|f| f.to_le_bytes()).collect();
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+}
+
+/// The default cache root: `$PETCAM_CACHE`, else `$XDG_CACHE_HOME/petcam`, else `~/.cache/petcam`.
+pub fn default_cache_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("PETCAM_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("petcam");
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/petcam"))
+        .unwrap_or_else(|| std::env::temp_dir().join("petcam-cache"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Extracts (or loads from the cache) the features of every readable photo in `samples`.
+pub fn extract(
+    backbone: &Backbone,
+    samples: &[Sample],
+    cache: Option<&FeatureCache>,
+    batch_size: usize,
+    what: &str,
+) -> Result<(FeatureSet, ExtractStats), FeatureError> {
+    let start = Instant::now();
+    let dim = backbone.feature_dim();
+    let size = backbone.input_size as u32;
+
+    // Hash every photo (reading is cheap next to decoding) and look each hash up in the cache.
+    let hashed: Vec<Result<String, String>> = samples
+        .par_iter()
+        .map(|s| {
+            std::fs::read(&s.path)
+                .map(|b| sha256_hex(&b))
+                .map_err(|e| format!("cannot read: {e}"))
+        })
+        .collect();
+    let mut rows: Vec<Option<Vec<f32>>> = hashed
+        .par_iter()
+        .map(|h| {
+            h.as_ref()
+                .ok()
+                .and_then(|sha| cache.and_then(|c| c.get(sha, dim)))
+        })
+        .collect();
+    let mut stats = ExtractStats {
+        cached: rows.iter().filter(|r| r.is_some()).count(),
+        ..Default::default()
+    };
+    let mut failed: Vec<Option<String>> =
+        hashed.iter().map(|h| h.as_ref().err().cloned()).collect();
+    let todo: Vec<usize> = (0..samples.len())
+        .filter(|&i| rows[i].is_none() && failed[i].is_none())
+        .collect();
+
+    if !todo.is_empty() {
+        let bar = ProgressBar::new(todo.len() as u64).with_style(
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {pos}/{len} photos, {per_sec}, eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_owned());
+        let compute_start = Instant::now();
+        for batch in todo.chunks(batch_size.max(1)) {
+            let decoded: Vec<Result<image::RgbImage, String>> = batch
+                .par_iter()
+                .map(|&i| {
+                    dataset::load_input(&samples[i].path, size, size).map_err(|e| e.to_string())
+                })
+                .collect();
+            let mut ok = Vec::with_capacity(batch.len());
+            let mut pixels = Vec::with_capacity(batch.len() * (size * size * 3) as usize);
+            for (&i, d) in batch.iter().zip(decoded) {
+                match d {
+                    Ok(img) => {
+                        ok.push(i);
+                        pixels.extend_from_slice(img.as_raw());
+                    }
+                    Err(reason) => {
+                        tracing::warn!("skipping {}: {reason}", samples[i].path.display());
+                        failed[i] = Some(reason);
+                    }
+                }
+            }
+            if !ok.is_empty() {
+                let backbone_err = |source| FeatureError::Backbone {
+                    path: samples[ok[0]].path.clone(),
+                    source,
+                };
+                let rgb = Tensor::from_vec(
+                    pixels,
+                    (ok.len(), size as usize, size as usize, 3),
+                    backbone.device(),
+                )
+                .and_then(|t| backbone.features(&t))
+                .and_then(|f| f.to_vec2::<f32>())
+                .map_err(backbone_err)?;
+                for (&i, f) in ok.iter().zip(rgb) {
+                    if let (Some(c), Ok(sha)) = (cache, &hashed[i]) {
+                        c.put(sha, &f)?;
+                    }
+                    rows[i] = Some(f);
+                    stats.computed += 1;
+                }
+            }
+            bar.inc(batch.len() as u64);
+        }
+        bar.finish_and_clear();
+        let secs = compute_start.elapsed().as_secs_f64();
+        if stats.computed > 0 && secs > 0.0 {
+            stats.images_per_s = Some(stats.computed as f64 / secs);
+        }
+    }
+
+    let mut set = FeatureSet {
+        dim,
+        ..Default::default()
+    };
+    for (i, s) in samples.iter().enumerate() {
+        match (rows[i].take(), &hashed[i]) {
+            (Some(f), Ok(sha)) => {
+                set.features.extend_from_slice(&f);
+                set.labels.push(s.label);
+                set.paths.push(s.path.clone());
+                set.content_sha256.push(sha.clone());
+            }
+            _ => {
+                let reason = failed[i].take().unwrap_or_else(|| "not decoded".into());
+                if hashed[i].is_err() {
+                    tracing::warn!("skipping {}: {reason}", s.path.display());
+                }
+                stats.skipped.push(Skipped {
+                    path: s.path.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok((set, stats))
+}
+
+/// A digest of the dataset as trained on: class names, and for each used photo its split, class
+/// and content hash. Renaming or moving the folder keeps it; changing any photo changes it.
+pub fn dataset_digest(classes: &[String], train: &FeatureSet, val: &FeatureSet) -> String {
+    let mut h = Sha256::new();
+    for c in classes {
+        h.update(c.as_bytes());
+        h.update([0]);
+    }
+    for (split, set) in [("train", train), ("val", val)] {
+        let mut entries: Vec<(usize, &str)> = set
+            .labels
+            .iter()
+            .zip(&set.content_sha256)
+            .map(|(&l, s)| (l, s.as_str()))
+            .collect();
+        entries.sort();
+        for (label, sha) in entries {
+            h.update(format!("{split}/{label}/{sha}\n").as_bytes());
+        }
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
