@@ -1,0 +1,468 @@
+//! `petcam train-and-export`: photos in, one verified ONNX model and a report out.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use candle_core::Device;
+use petcam_shared::metadata;
+
+use crate::backbone::Backbone;
+use crate::dataset::{self, Dataset, Split};
+use crate::export::{onnx, verify};
+use crate::features::{self, FeatureCache, FeatureSet};
+use crate::model::{top1, ExportedModel};
+use crate::report::{self, Misclassified, Report};
+use crate::train::{self, TrainConfig};
+
+/// Backbones `--backbone` accepts, with the file `tools/fetch-backbone` puts in the cache.
+const BACKBONES: &[(&str, &str)] = &[("efficientnet-lite0", "efficientnet-lite0-57934424.pth")];
+
+/// Train a classifier on photo folders and export it as one ONNX model.
+///
+/// A backbone pretrained on ImageNet is kept frozen; its features for every photo are computed
+/// once and cached on disk; a new head (dropout + linear) learns your classes; backbone and head
+/// are exported as one ONNX model that takes RGB bytes and returns class probabilities. The
+/// model is then loaded with tract and checked against the trainer on the validation photos.
+///
+/// OUT receives model.onnx, report.json, report.md, training_curves.png,
+/// confusion_matrix.png and misclassified.jpg.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Photo folder: DIR/<class>/* (validation split by file-name hash) or
+    /// DIR/train/<class>/* plus DIR/val/<class>/*. JPEG, PNG, WebP and BMP.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Output folder for the model and the report (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Backbone weights (.pth, legacy or zip, or .safetensors). Default: the file
+    /// tools/fetch-backbone put in the cache folder.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Backbone network.
+    #[arg(long, default_value = "efficientnet-lite0", value_parser = ["efficientnet-lite0"])]
+    pub backbone: String,
+    /// Fraction of photos held out for validation with the DIR/<class> layout.
+    #[arg(long, default_value_t = 0.2)]
+    pub val_fraction: f32,
+    /// Maximum training epochs (early stopping usually ends sooner).
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Photos per training step.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Dropout on the features during training.
+    #[arg(long, default_value_t = TrainConfig::default().dropout)]
+    pub dropout: f32,
+    /// Label smoothing of the cross-entropy targets (0 = off).
+    #[arg(long, default_value_t = TrainConfig::default().label_smoothing)]
+    pub label_smoothing: f32,
+    /// Stop after this many epochs without a better validation loss.
+    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    pub patience: usize,
+    /// Seed for shuffling and dropout: the same seed and photos give the same model.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    /// Where training runs. `cuda` needs a build with `--features cuda` and an NVIDIA GPU.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
+    /// Photos per backbone forward pass while extracting features.
+    #[arg(long, default_value_t = 32)]
+    pub extract_batch: usize,
+    /// Cache folder for features and fetched weights [default: $PETCAM_CACHE, else
+    /// $XDG_CACHE_HOME/petcam, else ~/.cache/petcam].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Recompute every feature instead of reading or writing the cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Minimum top-1 agreement between the exported model (tract) and the trainer (candle).
+    #[arg(long, default_value_t = 0.995)]
+    pub min_agreement: f64,
+    /// Print the report as JSON on stdout when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Picks the compute device, with an error that says how to get the one asked for.
+pub fn select_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if !cfg!(feature = "cuda") => bail!(
+            "this petcam was built without CUDA support; rebuild with \
+             `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
+        ),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("no usable NVIDIA GPU ({e}); check `nvidia-smi`, or use --device cpu")
+        }),
+        other => bail!("unknown device {other:?}; use cpu or cuda"),
+    }
+}
+
+fn resolve_weights(args: &Args, cache_root: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(w) = &args.weights {
+        if !w.is_file() {
+            bail!("weights file {} does not exist", w.display());
+        }
+        return Ok(w.clone());
+    }
+    let file = BACKBONES
+        .iter()
+        .find(|(name, _)| *name == args.backbone)
+        .map(|(_, f)| *f)
+        .context("no default weights for this backbone; pass --weights")?;
+    let path = cache_root.join("backbones").join(file);
+    if !path.is_file() {
+        bail!(
+            "no --weights given and {} is missing; run tools/fetch-backbone to fetch the \
+             ImageNet checkpoint, or pass --weights FILE",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let device = select_device(&args.device)?;
+    let cache_root = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(features::default_cache_root);
+    let weights = resolve_weights(&args, &cache_root)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+
+    let ds = Dataset::discover(&args.data, args.val_fraction)?;
+    tracing::info!(
+        "{}: classes {:?}, {} training and {} validation photos",
+        args.data.display(),
+        ds.classes,
+        ds.train.len(),
+        ds.val.len()
+    );
+    let t_dataset = t0.elapsed().as_secs_f64();
+
+    let backbone = Backbone::load(&args.backbone, &weights, &device)
+        .with_context(|| format!("loading backbone {}", args.backbone))?;
+    let cache = (!args.no_cache).then(|| FeatureCache::new(&cache_root, &backbone));
+
+    let t_feat = Instant::now();
+    let (train_set, train_stats) = features::extract(
+        &backbone,
+        &ds.train,
+        cache.as_ref(),
+        args.extract_batch,
+        "train",
+    )?;
+    let (val_set, val_stats) = features::extract(
+        &backbone,
+        &ds.val,
+        cache.as_ref(),
+        args.extract_batch,
+        "val",
+    )?;
+    let features_s = t_feat.elapsed().as_secs_f64();
+    for (label, dir) in ds.class_dirs.iter().enumerate() {
+        if !train_set.labels.contains(&label) {
+            bail!(dataset::DatasetError::EmptyClass { path: dir.clone() });
+        }
+    }
+    let skipped: Vec<report::SkippedFile> = train_stats
+        .skipped
+        .iter()
+        .chain(&val_stats.skipped)
+        .map(|s| report::SkippedFile {
+            path: s.path.display().to_string(),
+            reason: s.reason.clone(),
+        })
+        .collect();
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "{} photo(s) could not be read and were skipped (listed in the report)",
+            skipped.len()
+        );
+    }
+    let computed = train_stats.computed + val_stats.computed;
+    let compute_s = [&train_stats, &val_stats]
+        .iter()
+        .filter_map(|s| s.images_per_s.map(|r| s.computed as f64 / r))
+        .sum::<f64>();
+    let images_per_s = (computed > 0 && compute_s > 0.0).then(|| computed as f64 / compute_s);
+    if let Some(r) = images_per_s {
+        tracing::info!(
+            "features: {computed} computed at {r:.1} photos/s, {} from cache",
+            train_stats.cached + val_stats.cached
+        );
+    }
+
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        batch_size: args.batch_size,
+        dropout: args.dropout,
+        label_smoothing: args.label_smoothing,
+        seed: args.seed,
+        patience: args.patience,
+    };
+    let t_train = Instant::now();
+    let bar = indicatif::ProgressBar::new(cfg.epochs as u64).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:30}] epoch {pos}/{len} {prefix}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    bar.set_message("head");
+    let outcome = train::train(&train_set, &val_set, ds.classes.len(), &cfg, &device, |m| {
+        bar.set_prefix(format!(
+            "train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%",
+            m.train_loss,
+            m.train_accuracy * 100.0,
+            m.val_loss,
+            m.val_accuracy * 100.0
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let train_s = t_train.elapsed().as_secs_f64();
+
+    let candle_probs: Vec<Vec<f32>> = (0..val_set.len())
+        .map(|i| outcome.head.probabilities(val_set.row(i)))
+        .collect();
+    let predicted: Vec<usize> = candle_probs.iter().map(|p| top1(p).0).collect();
+    let evaluation = report::Evaluation::from_predictions(&ds.classes, &val_set.labels, &predicted);
+    let digest = features::dataset_digest(&ds.classes, &train_set, &val_set);
+
+    // Export.
+    let t_export = Instant::now();
+    let model_path = args.out.join("model.onnx");
+    let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let meta = model_metadata(
+        &backbone,
+        &ds,
+        &outcome.head,
+        &val_set,
+        &train_set,
+        &evaluation,
+        &digest,
+        &created,
+    )?;
+    let proto = onnx::build_model(&backbone, &outcome.head, &meta)?;
+    let model_bytes = onnx::write_model(&proto, &model_path)?;
+    let export_s = t_export.elapsed().as_secs_f64();
+
+    let t_verify = Instant::now();
+    let exported = ExportedModel::load(&model_path)?;
+    let check = verify::verify(&exported, &val_set, &candle_probs, args.min_agreement)
+        .with_context(|| format!("verifying {}", model_path.display()))?;
+    let verify_s = t_verify.elapsed().as_secs_f64();
+
+    let misclassified: Vec<Misclassified> = (0..val_set.len())
+        .filter(|&i| predicted[i] != val_set.labels[i])
+        .take(16)
+        .filter_map(|i| {
+            let img = dataset::load_rgb(&val_set.paths[i]).ok()?;
+            Some(Misclassified {
+                thumbnail: img,
+                true_label: ds.classes[val_set.labels[i]].clone(),
+                predicted_label: ds.classes[predicted[i]].clone(),
+                confidence: candle_probs[i][predicted[i]],
+            })
+        })
+        .collect();
+
+    let rep = Report {
+        petcam_version: env!("CARGO_PKG_VERSION").into(),
+        created,
+        backbone: report::BackboneInfo {
+            name: backbone.name.clone(),
+            weights: weights.display().to_string(),
+            weights_sha256: backbone.weights_sha256.clone(),
+            input_size: backbone.input_size as u32,
+            feature_dim: backbone.feature_dim(),
+        },
+        dataset: report::DatasetInfo {
+            root: args.data.display().to_string(),
+            layout: match ds.split {
+                Split::Folders => "train-val-folders".into(),
+                Split::Hash { .. } => "hash-split".into(),
+            },
+            val_fraction: match ds.split {
+                Split::Folders => None,
+                Split::Hash { val_fraction } => Some(val_fraction),
+            },
+            digest: digest.clone(),
+            classes: ds.classes.clone(),
+            train_counts: count(&train_set, ds.classes.len()),
+            val_counts: count(&val_set, ds.classes.len()),
+        },
+        skipped,
+        training: report::TrainingInfo {
+            device: args.device.clone(),
+            epochs_requested: cfg.epochs,
+            epochs_run: outcome.history.len(),
+            best_epoch: outcome.best_epoch,
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            batch_size: cfg.batch_size,
+            dropout: cfg.dropout,
+            label_smoothing: cfg.label_smoothing,
+            seed: cfg.seed,
+            class_weights: outcome.class_weights.clone(),
+            early_stopping_patience: cfg.patience,
+            history: outcome
+                .history
+                .iter()
+                .map(|m| report::EpochMetrics {
+                    epoch: m.epoch,
+                    train_loss: m.train_loss,
+                    train_accuracy: m.train_accuracy,
+                    val_loss: m.val_loss,
+                    val_accuracy: m.val_accuracy,
+                })
+                .collect(),
+        },
+        evaluation,
+        export: Some(report::ExportInfo {
+            model: model_path.display().to_string(),
+            model_bytes,
+            opset: onnx::OPSET,
+            verify_images: check.images,
+            candle_accuracy: check.candle_accuracy,
+            onnx_accuracy: check.onnx_accuracy,
+            agreement: check.agreement,
+            tract_ms_per_image: check.ms_per_image,
+        }),
+        timings: report::Timings {
+            dataset_s: t_dataset,
+            features_s,
+            features_cached: train_stats.cached + val_stats.cached,
+            features_computed: computed,
+            backbone_images_per_s: images_per_s,
+            train_s,
+            export_s,
+            verify_s,
+            total_s: t0.elapsed().as_secs_f64(),
+            peak_rss_mb: super::peak_rss_mb(),
+        },
+    };
+    report::write_report(&args.out, &rep, &misclassified)?;
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "validation accuracy {:.2}% on {} photos ({} classes: {})",
+            rep.evaluation.accuracy * 100.0,
+            rep.evaluation.images,
+            ds.classes.len(),
+            ds.classes.join(", ")
+        );
+        println!(
+            "exported {} ({:.1} MB); tract agrees with training on {:.2}% of validation photos (tract accuracy {:.2}%)",
+            model_path.display(),
+            model_bytes as f64 / 1e6,
+            check.agreement * 100.0,
+            check.onnx_accuracy * 100.0
+        );
+        println!(
+            "report: {} ({} skipped photo(s)); total {:.1} s",
+            args.out.join("report.md").display(),
+            rep.skipped.len(),
+            rep.timings.total_s
+        );
+    }
+    Ok(())
+}
+
+fn count(set: &FeatureSet, classes: usize) -> Vec<usize> {
+    let mut c = vec![0; classes];
+    for &l in &set.labels {
+        c[l] += 1;
+    }
+    c
+}
+
+/// The model's self-description (see `petcam_shared::metadata`).
+#[allow(clippy::too_many_arguments)]
+fn model_metadata(
+    backbone: &Backbone,
+    ds: &Dataset,
+    head: &crate::head::HeadWeights,
+    val: &FeatureSet,
+    train: &FeatureSet,
+    evaluation: &report::Evaluation,
+    digest: &str,
+    created: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let size = backbone.input_size as u32;
+    let input = metadata::InputSpec {
+        name: onnx::INPUT_NAME.into(),
+        width: size,
+        height: size,
+        channels: 3,
+        layout: "NHWC".into(),
+        dtype: "uint8".into(),
+        color: "RGB".into(),
+        resize: metadata::RESIZE_BILINEAR_AA.into(),
+        mean: backbone.normalization.mean,
+        std: backbone.normalization.std,
+    };
+    let backbone_spec = metadata::BackboneSpec {
+        name: backbone.name.clone(),
+        input_size: size,
+        feature_dim: backbone.feature_dim() as u32,
+        weights_sha256: backbone.weights_sha256.clone(),
+    };
+    let quant = metadata::QuantizationSpec {
+        form: "none".into(),
+    };
+    let metrics = serde_json::json!({
+        "val_accuracy": evaluation.accuracy,
+        "val_images": val.len(),
+        "train_images": train.len(),
+    });
+    // The golden pair: the first validation photo (or training photo) and the probabilities the
+    // trainer computed for it. The device's self-test runs it through the model file.
+    let (set, i) = if !val.is_empty() {
+        (val, 0)
+    } else {
+        (train, 0)
+    };
+    let img = dataset::load_input(&set.paths[i], size, size)
+        .with_context(|| format!("reading golden photo {}", set.paths[i].display()))?;
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    let golden = metadata::Golden {
+        input_png_base64: base64::engine::general_purpose::STANDARD.encode(&png),
+        probabilities: head.probabilities(set.row(i)),
+        tolerance: 1e-3,
+    };
+    Ok(vec![
+        (metadata::LABELS.into(), serde_json::to_string(&ds.classes)?),
+        (metadata::INPUT.into(), serde_json::to_string(&input)?),
+        (
+            metadata::BACKBONE.into(),
+            serde_json::to_string(&backbone_spec)?,
+        ),
+        (
+            metadata::QUANTIZATION.into(),
+            serde_json::to_string(&quant)?,
+        ),
+        (metadata::METRICS.into(), metrics.to_string()),
+        (metadata::DATASET_DIGEST.into(), digest.into()),
+        (metadata::VERSION.into(), env!("CARGO_PKG_VERSION").into()),
+        (metadata::CREATED.into(), created.into()),
+        (metadata::GOLDEN.into(), serde_json::to_string(&golden)?),
+    ])
+}

@@ -1,0 +1,162 @@
+//! `petcam train-and-export` then `petcam evaluate`, on a small slice of the Kaggle photos.
+
+use std::process::Command;
+
+use petcam_tests::{binary, copy_first, run, shared};
+
+#[test]
+fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
+    let (Some(data), Some(weights)) = (
+        shared("datasets/cats-vs-dogs"),
+        shared("backbones/efficientnet-lite0-57934424.pth"),
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    for class in ["cat", "dog"] {
+        copy_first(
+            &data.join("train").join(class),
+            &photos.join("train").join(class),
+            20,
+        );
+        copy_first(
+            &data.join("val").join(class),
+            &photos.join("val").join(class),
+            15,
+        );
+    }
+    // Files a real folder collects: an empty file, notes, a photo cut off mid-transfer.
+    std::fs::write(photos.join("train/cat/empty.jpg"), b"").unwrap();
+    std::fs::write(photos.join("train/dog/notes.txt"), b"good dogs\n").unwrap();
+    let whole = std::fs::read(data.join("train/dog/dog.1.jpg")).unwrap();
+    std::fs::write(photos.join("train/dog/cut.jpg"), &whole[..whole.len() / 2]).unwrap();
+
+    let out = tmp.path().join("out");
+    let cache = tmp.path().join("cache");
+    let train = |extra: &[&str]| {
+        let mut cmd = Command::new(binary("petcam"));
+        cmd.arg("train-and-export")
+            .arg("--data")
+            .arg(&photos)
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra);
+        run(&mut cmd)
+    };
+    let first = train(&[]);
+    assert!(first.status.success(), "train-and-export failed");
+    for file in [
+        "model.onnx",
+        "report.json",
+        "report.md",
+        "training_curves.png",
+        "confusion_matrix.png",
+    ] {
+        assert!(out.join(file).is_file(), "{file} was not written");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let skipped: Vec<&str> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped.len(), 3, "skipped: {skipped:?}");
+    for name in ["empty.jpg", "notes.txt", "cut.jpg"] {
+        assert!(
+            skipped.iter().any(|p| p.ends_with(name)),
+            "{name} not reported"
+        );
+    }
+    assert_eq!(
+        report["dataset"]["train_counts"],
+        serde_json::json!([20, 20])
+    );
+    assert_eq!(report["dataset"]["val_counts"], serde_json::json!([15, 15]));
+    let val_acc = report["evaluation"]["accuracy"].as_f64().unwrap();
+    assert!(val_acc >= 0.9, "validation accuracy {val_acc}");
+    let export = &report["export"];
+    assert!(export["agreement"].as_f64().unwrap() >= 0.995);
+    assert_eq!(report["timings"]["features_computed"], 70);
+
+    // The exported file, scored by tract, through the evaluate command.
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("evaluate")
+        .arg("--model")
+        .arg(out.join("model.onnx"))
+        .arg("--data")
+        .arg(photos.join("val"))
+        .arg("--json");
+    let eval = run(&mut cmd);
+    assert!(eval.status.success());
+    let eval: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(eval["images"], 30);
+    assert_eq!(eval["accuracy"].as_f64(), export["onnx_accuracy"].as_f64());
+    assert_eq!(eval["confusion"].as_array().unwrap().len(), 2);
+    assert!(eval["per_class"]["cat"]["recall"].is_number());
+
+    // Second run: every feature comes from the cache, and the same seed gives the same model.
+    let model_a = std::fs::read(out.join("model.onnx")).unwrap();
+    let second = train(&[]);
+    assert!(second.status.success());
+    let report2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report2["timings"]["features_computed"], 0);
+    assert_eq!(report2["timings"]["features_cached"], 70);
+    assert_eq!(
+        report2["evaluation"]["confusion"],
+        report["evaluation"]["confusion"]
+    );
+    let model_b = std::fs::read(out.join("model.onnx")).unwrap();
+    // Only the creation time in the metadata may differ.
+    assert_eq!(model_a.len(), model_b.len());
+}
+
+#[test]
+fn a_folder_with_one_class_is_an_error_that_names_it() {
+    let Some(weights) = shared("backbones/efficientnet-lite0-57934424.pth") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("photos/cat")).unwrap();
+    std::fs::write(tmp.path().join("photos/cat/a.jpg"), b"x").unwrap();
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("train-and-export")
+        .arg("--data")
+        .arg(tmp.path().join("photos"))
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--out")
+        .arg(tmp.path().join("out"));
+    let out = run(&mut cmd);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("photos") && err.contains("two"), "{err}");
+}
+
+#[test]
+fn evaluate_refuses_a_truncated_model_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model.onnx");
+    std::fs::write(&model, b"\x08\x07\x12\x06petcam\x3a\xff\xff").unwrap();
+    std::fs::create_dir_all(tmp.path().join("photos/cat")).unwrap();
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("evaluate")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(tmp.path().join("photos"));
+    let out = run(&mut cmd);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.onnx") && err.contains("not a loadable ONNX model"),
+        "{err}"
+    );
+}
