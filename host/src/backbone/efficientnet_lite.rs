@@ -121,7 +121,7 @@ pub fn load(
         .map_err(|source| BackboneError::Parameter {
             path: path.to_owned(),
             name: cfg.name.to_owned(),
-            source,
+            source: Box::new(source),
         })
 }
 

@@ -21,13 +21,16 @@ pub use efficientnet_lite::EfficientNetLiteConfig;
 pub enum BackboneError {
     #[error(transparent)]
     Weights(#[from] weights::WeightsError),
-    #[error("{path}: missing or malformed weight {name}: {source}")]
+    #[error("{path} does not hold {name} weights: {source}")]
     Parameter {
         path: PathBuf,
         name: String,
+        // Boxed: candle's error is large and this variant is rare.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
+    #[error("unknown backbone {0:?}; available: efficientnet-lite0")]
+    Unknown(String),
     #[error("backbone forward pass failed: {0}")]
     Forward(#[from] candle_core::Error),
 }
@@ -215,11 +218,7 @@ impl Backbone {
             "efficientnet-lite0" => {
                 efficientnet_lite::load(&EfficientNetLiteConfig::lite0(), path, device)
             }
-            other => Err(BackboneError::Parameter {
-                path: path.to_owned(),
-                name: other.to_owned(),
-                source: candle_core::Error::Msg(format!("unknown backbone {other}")),
-            }),
+            other => Err(BackboneError::Unknown(other.to_owned())),
         }
     }
 
@@ -242,10 +241,10 @@ impl Backbone {
 
     /// Normalised NCHW input to pooled features `[batch, feature_dim]`.
     pub fn forward_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.from_stem(self.stem.forward(x)?)
+        self.after_stem(self.stem.forward(x)?)
     }
 
-    fn from_stem(&self, mut y: Tensor) -> candle_core::Result<Tensor> {
+    fn after_stem(&self, mut y: Tensor) -> candle_core::Result<Tensor> {
         for block in &self.blocks {
             y = block.forward(&y)?;
         }
@@ -257,7 +256,7 @@ impl Backbone {
         if !rgb.device().is_cpu() || self.stem.groups != 1 {
             return self.forward_features(&self.normalize(rgb)?);
         }
-        self.from_stem(ops::stem_from_rgb(rgb, &self.stem, self.normalization)?)
+        self.after_stem(ops::stem_from_rgb(rgb, &self.stem, self.normalization)?)
     }
 
     /// ImageNet logits from pooled features, when the checkpoint carries its classifier.

@@ -266,9 +266,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("verifying {}", model_path.display()))?;
     let verify_s = t_verify.elapsed().as_secs_f64();
 
-    let misclassified: Vec<Misclassified> = (0..val_set.len())
+    // The most confident mistakes are the most instructive (and the likeliest label errors).
+    let mut wrong: Vec<usize> = (0..val_set.len())
         .filter(|&i| predicted[i] != val_set.labels[i])
-        .take(16)
+        .collect();
+    wrong.sort_by(|&a, &b| candle_probs[b][predicted[b]].total_cmp(&candle_probs[a][predicted[a]]));
+    let misclassified: Vec<Misclassified> = wrong
+        .into_iter()
+        .take(report::MAX_MISCLASSIFIED_SHOWN)
         .filter_map(|i| {
             let img = dataset::load_rgb(&val_set.paths[i]).ok()?;
             Some(Misclassified {
