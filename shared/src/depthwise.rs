@@ -10,13 +10,22 @@
 //! output `C x OH x OW`. [`DepthwiseConv::run`] does all channels; [`DepthwiseConv::run_channel`]
 //! does one so callers can spread `(batch, channel)` pairs over threads.
 //!
-//! How a plane is computed: for each output row, only the kernel rows that land inside the input
-//! are visited, so vertical padding costs nothing. Output columns whose taps all lie inside the
-//! row (the interior) are computed in blocks of 16 (then 8, 4, 1) adjacent outputs held in
-//! registers while every kernel tap is applied; a short last block overlaps the previous one
-//! instead of falling back to scalar code. The few border columns touched by horizontal padding
-//! clip their kernel columns individually. Bias and activation are applied as each block is
-//! stored. Common kernel/stride pairs get their own monomorphised copy so the tap loops unroll.
+//! A plane is computed one of two ways, chosen per shape from measurements on the
+//! EfficientNet-Lite0 layers:
+//!
+//! - **In place** (wide planes): for each output row only the kernel rows that land inside the
+//!   input are visited, so vertical padding costs nothing. Interior columns (all taps inside the
+//!   row) are computed in blocks of up to 64 adjacent outputs while every tap is applied; a
+//!   short last block overlaps the previous one instead of falling back to scalar code. The few
+//!   border columns clip their taps one by one.
+//! - **Padded copy** (narrow planes, and stride 2 with 5-wide kernels): the plane is first copied
+//!   into a zero-padded buffer wide enough for whole blocks, so every output row is a run of full
+//!   blocks with no border code. Tall kernels compute two output rows per pass, sharing each
+//!   input load; stride-2 rows are stored as their even columns then their odd columns, so
+//!   every tap reads adjacent values instead of gathering every other one.
+//!
+//! Bias and activation are applied as each block is stored. Common kernel/stride pairs get their
+//! own monomorphised copy so the tap loops unroll; other shapes take a generic path.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -373,8 +382,8 @@ impl DepthwiseConv {
     /// function does no validation beyond what memory safety needs. `c` is only checked against
     /// `channels` in debug builds; it names the channel so call sites read like `run`.
     ///
-    /// Narrow planes (output width up to 32) are copied into a zero-padded buffer first, which
-    /// this function allocates; [`DepthwiseConv::run_channel_with_scratch`] reuses one instead.
+    /// Narrow planes are copied into a zero-padded buffer first, which this function allocates;
+    /// [`DepthwiseConv::run_channel_with_scratch`] reuses one instead.
     ///
     /// # Panics
     /// If a slice is shorter than the shape requires, or (in debug builds) on an invalid shape.
@@ -416,6 +425,20 @@ impl DepthwiseConv {
         self.channel(c, input_plane, kernel, bias, out_plane, scratch, Path::Auto);
     }
 
+    /// Whether the zero-padded copy beats reading the input in place. Measured on the
+    /// EfficientNet-Lite0 layers: it wins on narrow planes, where border columns are a large
+    /// share of the work, and on stride-2 planes with 5-wide kernels, which it also splits into
+    /// even and odd columns; the copy costs more than it saves on wide planes, and on 3-wide
+    /// stride-2 kernels, which read each input value only a couple of times.
+    fn prefers_padded(&self) -> bool {
+        let out_w = self.out_w();
+        match self.stride_w {
+            1 => out_w <= 64,
+            2 if self.kernel_w >= 5 => true,
+            _ => out_w <= 32,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn channel(
         &self,
@@ -442,7 +465,7 @@ impl DepthwiseConv {
         };
         let out = &mut out_plane[..self.out_h() * self.out_w()];
         let padded = match path {
-            Path::Auto => self.out_w() <= PADDED_MAX_OUT_W || self.stride_w == 2,
+            Path::Auto => self.prefers_padded(),
             Path::Direct => false,
             Path::Padded => true,
         };
@@ -465,10 +488,6 @@ impl DepthwiseConv {
         }
     }
 }
-
-/// Planes whose output is at most this wide go through the zero-padded copy: their border
-/// columns are a large share of the work and a row does not fill many vector blocks.
-const PADDED_MAX_OUT_W: usize = 32;
 
 /// Which plane algorithm to use. Only tests force one, so both are checked on every shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -670,9 +689,9 @@ impl Plane<'_> {
     /// Wide planes, read in place: kernel rows outside the input are skipped, interior columns
     /// go through vector blocks, and the few border columns clip their taps one by one.
     ///
-    /// Unlike the padded path this does one output row at a time: with 16-wide blocks, a second
-    /// row's accumulators no longer fit in SSE2's 16 registers and the spills cost more than the
-    /// shared loads save (measured: 20-30% slower on the 112x112 and 56x56 layers).
+    /// One output row at a time: blocks this wide already keep enough additions in flight, and
+    /// pairing rows here (as the padded path does) measured 10-30% slower on the 112x112 and
+    /// 56x56 layers, the second row's accumulators spilling out of registers.
     fn direct<const KW: usize, const SW: usize>(&self, out: &mut [f32]) {
         let conv = self.conv;
         let (kw, sw) = self.kw_sw::<KW, SW>();
@@ -713,12 +732,12 @@ impl Plane<'_> {
                 let interior = &mut out_row[ox_lo..ox_hi];
                 let x0 = ox_lo * sw - pl;
                 match interior.len() {
-                    64.. => self.interior1::<64>(src, rows, kw, sw, x0, interior),
-                    32.. => self.interior1::<32>(src, rows, kw, sw, x0, interior),
-                    16.. => self.interior1::<16>(src, rows, kw, sw, x0, interior),
-                    8.. => self.interior1::<8>(src, rows, kw, sw, x0, interior),
-                    4.. => self.interior1::<4>(src, rows, kw, sw, x0, interior),
-                    _ => self.interior1::<1>(src, rows, kw, sw, x0, interior),
+                    64.. => self.interior::<64>(src, rows, kw, sw, x0, interior),
+                    32.. => self.interior::<32>(src, rows, kw, sw, x0, interior),
+                    16.. => self.interior::<16>(src, rows, kw, sw, x0, interior),
+                    8.. => self.interior::<8>(src, rows, kw, sw, x0, interior),
+                    4.. => self.interior::<4>(src, rows, kw, sw, x0, interior),
+                    _ => self.interior::<1>(src, rows, kw, sw, x0, interior),
                 }
             }
         }
@@ -727,7 +746,7 @@ impl Plane<'_> {
     /// Interior outputs of one row, `B` at a time. `out.len() >= B`; the last block is moved
     /// back to end at `out.len()`, recomputing a few outputs rather than running a scalar tail.
     #[inline(always)]
-    fn interior1<const B: usize>(
+    fn interior<const B: usize>(
         &self,
         src: Src<'_>,
         rows: Rows<'_>,
@@ -789,9 +808,9 @@ impl Plane<'_> {
         clamp(acc + self.bias, self.bounds)
     }
 
-    /// Narrow planes, and all planes with horizontal stride 2: copies the input into a
-    /// zero-padded buffer wide enough for whole vector blocks, so every output row is a run of
-    /// full blocks with no border or tail code. For stride 2 each padded row is stored as its
+    /// Narrow planes, and stride 2 with kernels 5 or wider: copies the input into a zero-padded
+    /// buffer wide enough for whole vector blocks, so every output row is a run of full blocks
+    /// with no border or tail code. For those stride-2 kernels each padded row is stored as its
     /// even columns followed by its odd columns, which turns every tap into a contiguous read.
     fn padded<const KW: usize, const SW: usize>(&self, out: &mut [f32], scratch: &mut Vec<f32>) {
         // Two output rows share kernel-height-minus-stride input rows; measured worthwhile only
@@ -818,49 +837,49 @@ impl Plane<'_> {
         let (kh, sh, pl) = (conv.kernel_h, conv.stride_h, conv.pad_left);
         let out_w = conv.out_w();
         let blocks = out_w.div_ceil(B);
-        let height = conv.pad_top + conv.in_h + conv.pad_bottom;
-        let padded_w = conv.pad_left + conv.in_w + conv.pad_right;
-        if SW == 2 {
+        let (pt, in_w) = (conv.pad_top, conv.in_w);
+        let height = pt + conv.in_h + conv.pad_bottom;
+        let padded_w = pl + in_w + conv.pad_right;
+        // Stride 2 with a wide kernel reads each input value often enough to pay for splitting
+        // rows into even and odd columns; with 3 taps the split costs more than the gathers.
+        let split = SW == 2 && KW >= 5;
+        let (width, half) = if split {
             // Each half must hold every block plus the kernel's reach beyond it.
             let half = padded_w.div_ceil(2).max(blocks * B + kw / 2);
-            let width = 2 * half;
-            scratch.clear();
-            scratch.resize(width * height, 0.0);
-            let plane = &mut scratch[..];
-            for (dst, src) in plane[conv.pad_top * width..]
-                .chunks_exact_mut(width)
-                .zip(self.input.chunks_exact(conv.in_w))
-            {
-                // Padded column `pl + i` holds `src[i]`; which half input column 0 lands in
-                // depends on the parity of `pl`.
+            (2 * half, half)
+        } else {
+            (padded_w.max((blocks * B - 1) * sw + kw), 0)
+        };
+        // One memset of the whole plane is cheaper than zeroing just the padding row by row:
+        // rows here are short, and per-row fills are calls.
+        scratch.clear();
+        scratch.resize(width * height, 0.0);
+        let plane = &mut scratch[..];
+        for (dst, src) in plane[pt * width..]
+            .chunks_exact_mut(width)
+            .zip(self.input.chunks_exact(in_w))
+        {
+            if split {
+                // Padded column `pl + i` holds `src[i]`: even `i` go to one half and odd `i` to
+                // the other, which ones depending on the parity of `pl`.
                 let (even, odd) = dst.split_at_mut(half);
                 if pl % 2 == 0 {
                     deinterleave(src, &mut even[pl / 2..], &mut odd[pl / 2..]);
                 } else {
                     deinterleave(src, &mut odd[pl / 2..], &mut even[pl / 2 + 1..]);
                 }
+            } else {
+                dst[pl..pl + in_w].copy_from_slice(src);
             }
-            let src = Src {
-                data: plane,
-                stride: width,
-                split: half,
-            };
+        }
+        let src = Src {
+            data: plane,
+            stride: width,
+            split: half,
+        };
+        if split {
             self.padded_rows::<B, PAIRS, true>(src, out, kh, kw, sh, sw, blocks, |blk| blk * B);
         } else {
-            let width = padded_w.max((blocks * B - 1) * sw + kw);
-            scratch.clear();
-            scratch.resize(width * height, 0.0);
-            for (dst, src) in scratch[conv.pad_top * width..]
-                .chunks_exact_mut(width)
-                .zip(self.input.chunks_exact(conv.in_w))
-            {
-                dst[pl..pl + conv.in_w].copy_from_slice(src);
-            }
-            let src = Src {
-                data: scratch,
-                stride: width,
-                split: 0,
-            };
             let x = |blk: usize| blk * B * sw;
             self.padded_rows::<B, PAIRS, false>(src, out, kh, kw, sh, sw, blocks, x);
         }
@@ -906,30 +925,20 @@ impl Plane<'_> {
 }
 
 /// Splits `src` into its even-indexed values (into `first`) and odd-indexed values (into
-/// `second`). Written over fixed-size chunks so it compiles to vector shuffles.
+/// `second`).
 #[inline(always)]
 fn deinterleave(src: &[f32], first: &mut [f32], second: &mut [f32]) {
-    const N: usize = 8;
-    let pairs = src.len() / 2;
-    let (first, second) = (&mut first[..src.len() - pairs], &mut second[..pairs]);
-    let mut chunks = src.chunks_exact(2 * N);
-    for ((f, s), c) in first
-        .chunks_exact_mut(N)
-        .zip(second.chunks_exact_mut(N))
-        .zip(&mut chunks)
-    {
-        for i in 0..N {
-            f[i] = c[2 * i];
-            s[i] = c[2 * i + 1];
-        }
+    let n = src.len() / 2;
+    // Slicing to exact lengths up front removes the bounds checks, which lets the loop
+    // vectoriser turn the stride-2 loads into vector loads and shuffles.
+    let (pairs, rest) = src.split_at(2 * n);
+    let (first, second) = (&mut first[..n + rest.len()], &mut second[..n]);
+    for j in 0..n {
+        first[j] = pairs[2 * j];
+        second[j] = pairs[2 * j + 1];
     }
-    let done = pairs / N * N;
-    for (j, &v) in chunks.remainder().iter().enumerate() {
-        if j % 2 == 0 {
-            first[done + j / 2] = v;
-        } else {
-            second[done + j / 2] = v;
-        }
+    if let [last] = rest {
+        first[n] = *last;
     }
 }
 
