@@ -20,7 +20,7 @@ const PREPROCESS_VERSION: &str = "decode-exif-rgb/resize-bilinear-aa/v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
-    #[error("backbone failed on a batch starting with {path}: {source}")]
+    #[error("backbone failed on {path}: {source}")]
     Backbone {
         path: PathBuf,
         #[source]
@@ -147,6 +147,27 @@ pub fn default_cache_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("petcam-cache"))
 }
 
+/// Why a photo has no features: an unreadable photo is skipped, a backbone failure aborts.
+enum Failure {
+    Photo(String),
+    Backbone(candle_core::Error),
+}
+
+/// Features of `n` RGB images (`n * size * size * 3` bytes).
+fn forward(
+    backbone: &Backbone,
+    pixels: Vec<u8>,
+    n: usize,
+    size: u32,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let rgb = Tensor::from_vec(
+        pixels,
+        (n, size as usize, size as usize, 3),
+        backbone.device(),
+    )?;
+    backbone.features(&rgb)?.to_vec2::<f32>()
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -200,49 +221,83 @@ pub fn extract(
         );
         bar.set_message(what.to_owned());
         let compute_start = Instant::now();
-        for batch in todo.chunks(batch_size.max(1)) {
-            let decoded: Vec<Result<image::RgbImage, String>> = batch
-                .par_iter()
-                .map(|&i| {
-                    dataset::load_input(&samples[i].path, size, size).map_err(|e| e.to_string())
-                })
-                .collect();
-            let mut ok = Vec::with_capacity(batch.len());
-            let mut pixels = Vec::with_capacity(batch.len() * (size * size * 3) as usize);
-            for (&i, d) in batch.iter().zip(decoded) {
-                match d {
-                    Ok(img) => {
-                        ok.push(i);
-                        pixels.extend_from_slice(img.as_raw());
+        // On CPU, one photo per task and one task per core: each forward pass then runs on one
+        // thread with its activations in that core's cache, which beats splitting every layer
+        // of a large batch across cores. A GPU wants large batches instead.
+        let per_forward = if backbone.device().is_cpu() {
+            1
+        } else {
+            batch_size.max(1)
+        };
+        let group = if per_forward == 1 { 64 } else { per_forward };
+        for batch in todo.chunks(group) {
+            let results: Vec<(usize, Result<Vec<f32>, Failure>)> = if per_forward == 1 {
+                batch
+                    .par_iter()
+                    .map(|&i| {
+                        let r = dataset::load_input(&samples[i].path, size, size)
+                            .map_err(|e| Failure::Photo(e.to_string()))
+                            .and_then(|img| {
+                                forward(backbone, img.into_raw(), 1, size)
+                                    .map(|mut f| f.remove(0))
+                                    .map_err(Failure::Backbone)
+                            });
+                        bar.inc(1);
+                        (i, r)
+                    })
+                    .collect()
+            } else {
+                let decoded: Vec<Result<image::RgbImage, String>> = batch
+                    .par_iter()
+                    .map(|&i| {
+                        dataset::load_input(&samples[i].path, size, size).map_err(|e| e.to_string())
+                    })
+                    .collect();
+                let mut ok = Vec::new();
+                let mut pixels = Vec::new();
+                let mut out = Vec::new();
+                for (&i, d) in batch.iter().zip(decoded) {
+                    match d {
+                        Ok(img) => {
+                            ok.push(i);
+                            pixels.extend_from_slice(img.as_raw());
+                        }
+                        Err(reason) => out.push((i, Err(Failure::Photo(reason)))),
                     }
-                    Err(reason) => {
+                }
+                if !ok.is_empty() {
+                    let feats = forward(backbone, pixels, ok.len(), size).map_err(|source| {
+                        FeatureError::Backbone {
+                            path: samples[ok[0]].path.clone(),
+                            source,
+                        }
+                    })?;
+                    out.extend(ok.into_iter().zip(feats).map(|(i, f)| (i, Ok(f))));
+                }
+                bar.inc(batch.len() as u64);
+                out
+            };
+            for (i, r) in results {
+                match r {
+                    Ok(f) => {
+                        if let (Some(c), Ok(sha)) = (cache, &hashed[i]) {
+                            c.put(sha, &f)?;
+                        }
+                        rows[i] = Some(f);
+                        stats.computed += 1;
+                    }
+                    Err(Failure::Backbone(source)) => {
+                        return Err(FeatureError::Backbone {
+                            path: samples[i].path.clone(),
+                            source,
+                        })
+                    }
+                    Err(Failure::Photo(reason)) => {
                         tracing::warn!("skipping {}: {reason}", samples[i].path.display());
                         failed[i] = Some(reason);
                     }
                 }
             }
-            if !ok.is_empty() {
-                let backbone_err = |source| FeatureError::Backbone {
-                    path: samples[ok[0]].path.clone(),
-                    source,
-                };
-                let rgb = Tensor::from_vec(
-                    pixels,
-                    (ok.len(), size as usize, size as usize, 3),
-                    backbone.device(),
-                )
-                .and_then(|t| backbone.features(&t))
-                .and_then(|f| f.to_vec2::<f32>())
-                .map_err(backbone_err)?;
-                for (&i, f) in ok.iter().zip(rgb) {
-                    if let (Some(c), Ok(sha)) = (cache, &hashed[i]) {
-                        c.put(sha, &f)?;
-                    }
-                    rows[i] = Some(f);
-                    stats.computed += 1;
-                }
-            }
-            bar.inc(batch.len() as u64);
         }
         bar.finish_and_clear();
         let secs = compute_start.elapsed().as_secs_f64();

@@ -8,6 +8,8 @@
 //! (candle would copy the input for im2col, then make two more passes for bias and activation).
 //! [`bias_activation`] fuses bias and ReLU6 into one pass for the remaining convolutions.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use petcam_shared::depthwise::{self, DepthwiseConv};
 use rayon::prelude::*;
@@ -80,14 +82,15 @@ impl CustomOp3 for Depthwise {
         let mut out = vec![0f32; b * c * oh * ow];
         out.par_chunks_mut(oh * ow)
             .enumerate()
-            .for_each(|(plane, o)| {
+            .for_each_init(Vec::new, |scratch, (plane, o)| {
                 let ch = plane % c;
-                conv.run_channel(
+                conv.run_channel_with_scratch(
                     ch,
                     &x[plane * h * w..(plane + 1) * h * w],
                     &weight[ch * kh * kw..(ch + 1) * kh * kw],
                     bias[ch],
                     o,
+                    scratch,
                 );
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
@@ -125,41 +128,43 @@ fn pointwise_block(cout: usize, hw: usize) -> usize {
         .min(hw.max(1))
 }
 
-/// One image: `out[cout, hw] = act(w[cout, cin] x x[cin, hw] + bias)`.
+/// One image: `out[cout, hw] = act(w[cout, cin] x x[cin, hw] + bias)`. `out` need not be
+/// initialised: gemm only writes it (`read_dst` is false), then bias and activation are applied
+/// to each block while it is still in cache.
 fn pointwise_image(
     x: &[f32],
     w: &[f32],
     bias: &[f32],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     (cin, cout, hw): (usize, usize, usize),
     act: Activation,
     parallelism: gemm::Parallelism,
 ) {
+    assert!(x.len() >= cin * hw && w.len() >= cout * cin && bias.len() >= cout);
+    assert!(out.len() >= cout * hw);
     let nb = pointwise_block(cout, hw);
+    let dst = out.as_mut_ptr().cast::<f32>();
     for j0 in (0..hw).step_by(nb) {
         let n = nb.min(hw - j0);
-        for (c, &b) in bias.iter().enumerate() {
-            out[c * hw + j0..c * hw + j0 + n].fill(b);
-        }
-        // SAFETY: the matrices lie inside the slices: dst rows c*hw + j0 .. +n for c < cout in
-        // `out` (len cout*hw), lhs is `w` (len cout*cin, row stride cin), rhs rows
-        // r*hw + j0 .. +n for r < cin in `x` (len cin*hw). dst does not alias lhs or rhs.
+        // SAFETY: the matrices lie inside the slices (asserted above): dst rows c*hw + j0 .. +n
+        // for c < cout in `out`, lhs is `w` (row stride cin), rhs rows r*hw + j0 .. +n for
+        // r < cin in `x`. dst does not alias lhs or rhs, and is written, not read.
         unsafe {
             gemm::gemm(
                 cout,
                 n,
                 cin,
-                out.as_mut_ptr().add(j0),
+                dst.add(j0),
                 1,
                 hw as isize,
-                true,
+                false,
                 w.as_ptr(),
                 1,
                 cin as isize,
                 x.as_ptr().add(j0),
                 1,
                 hw as isize,
-                1.0f32,
+                0.0f32,
                 1.0f32,
                 false,
                 false,
@@ -167,14 +172,30 @@ fn pointwise_image(
                 parallelism,
             );
         }
-        if act == Activation::Relu6 {
-            for c in 0..cout {
-                out[c * hw + j0..c * hw + j0 + n]
-                    .iter_mut()
-                    .for_each(|v| *v = v.clamp(0.0, 6.0));
+        for (c, &b) in bias.iter().enumerate() {
+            // SAFETY: gemm has just initialised these n values of row c.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.add(c * hw + j0), n) };
+            match act {
+                Activation::Linear => row.iter_mut().for_each(|v| *v += b),
+                Activation::Relu6 => row.iter_mut().for_each(|v| *v = (*v + b).clamp(0.0, 6.0)),
             }
         }
     }
+}
+
+/// An output buffer of `len` floats whose every element the caller will write.
+fn output_buffer(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+/// Marks a buffer from [`output_buffer`] as fully written.
+///
+/// # Safety
+/// All `len` elements must have been initialised through `spare_capacity_mut`.
+unsafe fn assume_written(mut v: Vec<f32>, len: usize) -> Vec<f32> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { v.set_len(len) };
+    v
 }
 
 impl CustomOp3 for Pointwise {
@@ -203,22 +224,29 @@ impl CustomOp3 for Pointwise {
             candle_core::bail!("pointwise: weight or bias has the wrong size for {cout} outputs");
         }
         let hw = h * w;
-        let mut out = vec![0f32; b * cout * hw];
+        let len = b * cout * hw;
+        let mut out = output_buffer(len);
         let dims = (cin, cout, hw);
         let threads = rayon::current_num_threads();
-        if b >= threads {
-            // Enough images to keep every thread busy: one image per task, no sync inside gemm.
-            out.par_chunks_mut(cout * hw)
+        let spare = &mut out.spare_capacity_mut()[..len];
+        // Inside a rayon task the caller already runs one image per thread (feature
+        // extraction does): splitting each product again would only add synchronisation.
+        if b >= threads || rayon::current_thread_index().is_some() {
+            // One image per task, no sync inside gemm.
+            spare
+                .par_chunks_mut(cout * hw)
                 .zip(x.par_chunks(cin * hw))
                 .for_each(|(o, xi)| {
                     pointwise_image(xi, weight, bias, o, dims, self.0, gemm::Parallelism::None)
                 });
         } else {
-            for (o, xi) in out.chunks_mut(cout * hw).zip(x.chunks(cin * hw)) {
+            for (o, xi) in spare.chunks_mut(cout * hw).zip(x.chunks(cin * hw)) {
                 let par = gemm::Parallelism::Rayon(threads);
                 pointwise_image(xi, weight, bias, o, dims, self.0, par);
             }
         }
+        // SAFETY: pointwise_image wrote every element of every image.
+        let out = unsafe { assume_written(out, len) };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
 }
@@ -277,8 +305,10 @@ impl CustomOp3 for StemFromRgb {
         let ow = (w + p.left + p.right - kw) / self.stride + 1;
         let (k, n) = (c * kh * kw, oh * ow);
         let (scale, shift) = (1.0 / self.std, -self.mean / self.std);
-        let mut out = vec![0f32; b * cout * n];
-        out.par_chunks_mut(cout * n)
+        let len = b * cout * n;
+        let mut out = output_buffer(len);
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(cout * n)
             .zip(rgb.par_chunks(h * w * c))
             .for_each(|(o, img)| {
                 // col[(ci, ky, kx), (oy, ox)]; padding is zero in normalised space.
@@ -313,6 +343,8 @@ impl CustomOp3 for StemFromRgb {
                     gemm::Parallelism::None,
                 );
             });
+        // SAFETY: pointwise_image wrote every element of every image.
+        let out = unsafe { assume_written(out, len) };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
 }
