@@ -100,8 +100,7 @@ pub fn load(
     path: &Path,
     device: &Device,
 ) -> Result<Backbone, BackboneError> {
-    let tensors = weights::load(path)?;
-    let sha = weights::sha256_file(path)?;
+    let (tensors, sha) = weights::load_with_sha256(path)?;
     let vb = VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
     build(cfg, vb)
         .map(|(stem, blocks, head, classifier)| Backbone {

@@ -48,17 +48,24 @@ pub type TensorMap = HashMap<String, Tensor>;
 
 /// Reads `.pth` (legacy or zip) or `.safetensors`, chosen by the file's content, not its name.
 pub fn load(path: &Path) -> Result<TensorMap, WeightsError> {
+    load_with_sha256(path).map(|(tensors, _)| tensors)
+}
+
+/// [`load`], plus the SHA-256 (hex) of the file's bytes, which identifies the weights in the
+/// feature cache key and in reports.
+pub fn load_with_sha256(path: &Path) -> Result<(TensorMap, String), WeightsError> {
+    use sha2::Digest;
     let data = std::fs::read(path).map_err(|source| WeightsError::Io {
         path: path.to_owned(),
         source,
     })?;
-    if data.is_empty() {
+    let sha = hex::encode(sha2::Sha256::digest(&data));
+    let tensors = if data.is_empty() {
         return Err(format_err(
             path,
             "file is empty (0 bytes); fetch it again with tools/fetch-backbone",
         ));
-    }
-    if data.starts_with(b"PK\x03\x04") {
+    } else if data.starts_with(b"PK\x03\x04") {
         load_zip_pth(path, &data)
     } else if data.starts_with(&[0x80, 0x02]) {
         load_legacy_pth(path, &data)
@@ -74,17 +81,8 @@ pub fn load(path: &Path) -> Result<TensorMap, WeightsError> {
             path,
             "unknown weights format: expected a PyTorch .pth (legacy or zip) or a .safetensors file",
         ))
-    }
-}
-
-/// SHA-256 of a file, hex: identifies the weights in the feature cache key and in reports.
-pub fn sha256_file(path: &Path) -> Result<String, WeightsError> {
-    use sha2::Digest;
-    let data = std::fs::read(path).map_err(|source| WeightsError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(hex::encode(sha2::Sha256::digest(&data)))
+    }?;
+    Ok((tensors, sha))
 }
 
 fn format_err(path: &Path, what: impl Into<String>) -> WeightsError {
@@ -488,6 +486,48 @@ mod tests {
             f.extend_from_slice(&e.to_le_bytes());
         }
         f
+    }
+
+    /// The same tensor as a zip checkpoint (`torch.save` since PyTorch 1.6).
+    fn zip_file(stride: (u8, u8), elements: &[f32]) -> Vec<u8> {
+        use std::io::Write;
+        let legacy = legacy_file(stride, elements);
+        // The state-dict pickle is the fourth of the legacy file's five pickles.
+        let mut pos = 0;
+        for _ in 0..3 {
+            pickle::read(&legacy, &mut pos).unwrap();
+        }
+        let start = pos;
+        pickle::read(&legacy, &mut pos).unwrap();
+        let pkl = &legacy[start..pos];
+        let raw: Vec<u8> = elements.iter().flat_map(|e| e.to_le_bytes()).collect();
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("archive/data.pkl", opts).unwrap();
+        zip.write_all(pkl).unwrap();
+        zip.start_file("archive/data/0", opts).unwrap();
+        zip.write_all(&raw).unwrap();
+        zip.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn zip_reader_honours_strides() {
+        let storage = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let f = write_tmp(&zip_file((1, 2), &storage));
+        let w = load(f.path()).unwrap()["w"].to_vec2::<f32>().unwrap();
+        assert_eq!(w, vec![vec![0.0, 2.0, 4.0], vec![1.0, 3.0, 5.0]]);
+    }
+
+    #[test]
+    fn safetensors_are_read_by_content() {
+        let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // A misleading extension: the format is recognised from the bytes.
+        let path = dir.path().join("weights.bin");
+        candle_core::safetensors::save(&HashMap::from([("w".to_owned(), t)]), &path).unwrap();
+        let w = load(&path).unwrap()["w"].to_vec2::<f32>().unwrap();
+        assert_eq!(w, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
     }
 
     fn write_tmp(bytes: &[u8]) -> tempfile::NamedTempFile {
