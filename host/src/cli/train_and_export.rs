@@ -345,6 +345,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             candle_accuracy: check.candle_accuracy,
             onnx_accuracy: check.onnx_accuracy,
             agreement: check.agreement,
+            max_probability_diff: check.max_probability_diff,
             tract_ms_per_image: check.ms_per_image,
         }),
         timings: report::Timings {

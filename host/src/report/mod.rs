@@ -204,6 +204,8 @@ pub struct ExportInfo {
     pub onnx_accuracy: f64,
     /// Share of photos on which both models predict the same class, 0..=1.
     pub agreement: f64,
+    /// Largest difference between the two models in any class probability of any photo.
+    pub max_probability_diff: f32,
     /// Mean tract inference time per photo.
     pub tract_ms_per_image: f64,
 }
@@ -788,6 +790,11 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
             writeln!(out, "| same prediction | {} |", pct(export.agreement))?;
             writeln!(
                 out,
+                "| largest probability difference | {:.2e} |",
+                export.max_probability_diff
+            )?;
+            writeln!(
+                out,
                 "| tract time | {:.1} ms per photo |\n",
                 export.tract_ms_per_image
             )?;
@@ -959,6 +966,7 @@ dog            0    1
                 candle_accuracy: 0.85,
                 onnx_accuracy: 0.85,
                 agreement: 1.0,
+                max_probability_diff: 1e-5,
                 tract_ms_per_image: 31.7,
             }),
             timings: Timings {
