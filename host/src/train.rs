@@ -43,13 +43,18 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Loss and accuracy of one epoch.
-#[derive(Debug, Clone, PartialEq)]
+/// Loss and accuracy of one epoch. Accuracies are fractions in 0..=1.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
+    /// Epoch number, counting from 1.
     pub epoch: usize,
+    /// Mean training loss.
     pub train_loss: f64,
+    /// Training accuracy.
     pub train_accuracy: f64,
+    /// Mean validation loss (plain cross-entropy).
     pub val_loss: f64,
+    /// Validation accuracy.
     pub val_accuracy: f64,
 }
 

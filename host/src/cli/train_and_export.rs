@@ -324,17 +324,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seed: cfg.seed,
             class_weights: outcome.class_weights.clone(),
             early_stopping_patience: cfg.patience,
-            history: outcome
-                .history
-                .iter()
-                .map(|m| report::EpochMetrics {
-                    epoch: m.epoch,
-                    train_loss: m.train_loss,
-                    train_accuracy: m.train_accuracy,
-                    val_loss: m.val_loss,
-                    val_accuracy: m.val_accuracy,
-                })
-                .collect(),
+            history: outcome.history.clone(),
         },
         evaluation,
         export: Some(report::ExportInfo {

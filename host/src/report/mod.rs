@@ -142,20 +142,8 @@ pub struct TrainingInfo {
     pub history: Vec<EpochMetrics>,
 }
 
-/// Metrics at the end of one epoch. Accuracies are fractions in 0..=1.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct EpochMetrics {
-    /// Epoch number, counting from 1.
-    pub epoch: usize,
-    /// Mean training loss.
-    pub train_loss: f64,
-    /// Training accuracy.
-    pub train_accuracy: f64,
-    /// Mean validation loss.
-    pub val_loss: f64,
-    /// Validation accuracy.
-    pub val_accuracy: f64,
-}
+/// Metrics at the end of one epoch, as training records them.
+pub use crate::train::EpochMetrics;
 
 /// Scores of a set of predictions against the truth.
 #[derive(Serialize, Deserialize, Debug, Clone)]
