@@ -124,15 +124,6 @@ impl Dataset {
             })
         }
     }
-
-    /// Photos per class in a list of samples.
-    pub fn counts(&self, samples: &[Sample]) -> Vec<usize> {
-        let mut c = vec![0; self.classes.len()];
-        for s in samples {
-            c[s.label] += 1;
-        }
-        c
-    }
 }
 
 /// Reads `DIR/<class>/*`: class names (sorted) and every regular, non-hidden file. At least two

@@ -84,7 +84,7 @@ pub struct FeatureCache {
 }
 
 impl FeatureCache {
-    /// A cache for one backbone under `root`, or none (`root` = `None`) to always recompute.
+    /// The cache of one backbone (weights and preprocessing) under `root`.
     pub fn new(root: &Path, backbone: &Backbone) -> Self {
         let mut h = Sha256::new();
         for part in [

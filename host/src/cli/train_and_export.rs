@@ -75,7 +75,8 @@ pub struct Args {
     /// Where training runs. `cuda` needs a build with `--features cuda` and an NVIDIA GPU.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
-    /// Photos per backbone forward pass while extracting features.
+    /// Photos per backbone forward pass on a GPU. On CPU each pass takes one photo and each
+    /// core runs its own pass, which is faster there.
     #[arg(long, default_value_t = 32)]
     pub extract_batch: usize,
     /// Cache folder for features and fetched weights [default: $PETCAM_CACHE, else
