@@ -160,3 +160,36 @@ fn evaluate_refuses_a_truncated_model_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn missing_weights_and_missing_cuda_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    for class in ["cat", "dog"] {
+        std::fs::create_dir_all(tmp.path().join("photos").join(class)).unwrap();
+    }
+    let petcam = |extra: &[&str]| {
+        let mut cmd = Command::new(binary("petcam"));
+        cmd.arg("train-and-export")
+            .arg("--data")
+            .arg(tmp.path().join("photos"))
+            .arg("--out")
+            .arg(tmp.path().join("out"))
+            .arg("--cache-dir")
+            .arg(tmp.path().join("empty-cache"))
+            .args(extra);
+        let out = run(&mut cmd);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // No --weights and nothing fetched: the error says how to get the checkpoint.
+    let err = petcam(&[]);
+    assert!(err.contains("tools/fetch-backbone"), "{err}");
+    // Without CUDA in the build (the tested path) or without a GPU, asking for it is an error
+    // that says which, never a panic.
+    let err = petcam(&["--device", "cuda"]);
+    assert!(
+        err.contains("without CUDA support") || err.contains("no usable NVIDIA GPU"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
