@@ -102,8 +102,11 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     assert!(eval["per_class"]["cat"]["recall"].is_number());
 
     // Second run: every feature comes from the cache, and the same seed gives the same model.
+    // The default model stores int8 weights: about a quarter of the float model, which
+    // --keep-float writes beside it.
+    assert_eq!(export["quantization"], "int8-weights");
     let model_a = std::fs::read(out.join("model.onnx")).unwrap();
-    let second = train(&[]);
+    let second = train(&["--keep-float"]);
     assert!(second.status.success());
     let report2: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
@@ -114,6 +117,13 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
         report["evaluation"]["confusion"]
     );
     let model_b = std::fs::read(out.join("model.onnx")).unwrap();
+    let float = std::fs::metadata(out.join("model-f32.onnx")).unwrap().len();
+    assert_eq!(report2["export"]["float_model_bytes"], float);
+    assert!(
+        (model_b.len() as f64) < 0.3 * float as f64,
+        "int8 model {} bytes, float {float}",
+        model_b.len()
+    );
     // Only the creation time in the metadata may differ.
     assert_eq!(model_a.len(), model_b.len());
 }

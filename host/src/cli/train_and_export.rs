@@ -10,6 +10,7 @@ use petcam_shared::metadata;
 
 use crate::backbone::Backbone;
 use crate::dataset::{self, Dataset, Split};
+use crate::export::quantize::QuantizeForm;
 use crate::export::{onnx, verify};
 use crate::features::{self, FeatureCache, FeatureSet};
 use crate::model::{top1, ExportedModel};
@@ -89,6 +90,16 @@ pub struct Args {
     /// Minimum top-1 agreement between the exported model (tract) and the trainer (candle).
     #[arg(long, default_value_t = 0.995)]
     pub min_agreement: f64,
+    /// How model.onnx stores its weights: `int8-weights` (per-channel int8, restored to float
+    /// at load: ~4x smaller, same speed) or `none` (float32).
+    #[arg(long, value_enum, default_value = "int8-weights")]
+    pub quantize: QuantizeForm,
+    /// Also write the float model as model-f32.onnx when model.onnx is quantized.
+    #[arg(long)]
+    pub keep_float: bool,
+    /// Write the model even if quantization costs more than 1 point of validation accuracy.
+    #[arg(long)]
+    pub allow_accuracy_drop: bool,
     /// Print the report as JSON on stdout when done.
     #[arg(long)]
     pub json: bool,
@@ -247,7 +258,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t_export = Instant::now();
     let model_path = args.out.join("model.onnx");
     let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let meta = model_metadata(
+    let (meta, golden_img) = model_metadata(
         &backbone,
         &ds,
         &outcome.head,
@@ -256,15 +267,58 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &evaluation,
         &digest,
         &created,
+        args.quantize,
     )?;
-    let proto = onnx::build_model(&backbone, &outcome.head, &meta)?;
-    let model_bytes = onnx::write_model(&proto, &model_path)?;
+    let model_bytes = export_model(
+        &backbone,
+        &outcome.head,
+        args.quantize,
+        meta.clone(),
+        &golden_img,
+        &model_path,
+    )?;
+    let float_model_bytes = if args.keep_float && args.quantize != QuantizeForm::None {
+        let mut meta = meta;
+        set_meta(
+            &mut meta,
+            metadata::QUANTIZATION,
+            quantization_json(QuantizeForm::None)?,
+        );
+        let path = args.out.join("model-f32.onnx");
+        Some(export_model(
+            &backbone,
+            &outcome.head,
+            QuantizeForm::None,
+            meta,
+            &golden_img,
+            &path,
+        )?)
+    } else {
+        None
+    };
     let export_s = t_export.elapsed().as_secs_f64();
 
     let t_verify = Instant::now();
     let exported = ExportedModel::load(&model_path)?;
     let check = verify::verify(&exported, &val_set, &candle_probs, args.min_agreement)
         .with_context(|| format!("verifying {}", model_path.display()))?;
+    let drop = check.candle_accuracy - check.onnx_accuracy;
+    if drop > 0.01 {
+        let msg = format!(
+            "{} ({}) scores {:.2}% on the validation photos, {:.2} points below the float \
+             model's {:.2}%",
+            model_path.display(),
+            args.quantize.name(),
+            check.onnx_accuracy * 100.0,
+            drop * 100.0,
+            check.candle_accuracy * 100.0
+        );
+        if !args.allow_accuracy_drop {
+            let _ = std::fs::remove_file(&model_path);
+            bail!("{msg}; export with --quantize none, or accept it with --allow-accuracy-drop");
+        }
+        tracing::warn!("{msg}; kept because --allow-accuracy-drop was given");
+    }
     let verify_s = t_verify.elapsed().as_secs_f64();
 
     // The most confident mistakes are the most instructive (and the likeliest label errors).
@@ -335,6 +389,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             verify_images: check.images,
             candle_accuracy: check.candle_accuracy,
             onnx_accuracy: check.onnx_accuracy,
+            quantization: args.quantize.name().into(),
+            float_model_bytes,
             agreement: check.agreement,
             max_probability_diff: check.max_probability_diff,
             tract_ms_per_image: check.ms_per_image,
@@ -400,7 +456,8 @@ fn model_metadata(
     evaluation: &report::Evaluation,
     digest: &str,
     created: &str,
-) -> anyhow::Result<Vec<(String, String)>> {
+    form: QuantizeForm,
+) -> anyhow::Result<(Vec<(String, String)>, image::RgbImage)> {
     let size = backbone.input_size as u32;
     let input = metadata::InputSpec {
         name: onnx::INPUT_NAME.into(),
@@ -420,9 +477,6 @@ fn model_metadata(
         feature_dim: backbone.feature_dim() as u32,
         weights_sha256: backbone.weights_sha256.clone(),
     };
-    let quant = metadata::QuantizationSpec {
-        form: "none".into(),
-    };
     let metrics = serde_json::json!({
         "val_accuracy": evaluation.accuracy,
         "val_images": val.len(),
@@ -438,28 +492,67 @@ fn model_metadata(
     let img = dataset::load_input(&set.paths[i], size, size)
         .with_context(|| format!("reading golden photo {}", set.paths[i].display()))?;
     let mut png = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
+    image::DynamicImage::ImageRgb8(img.clone())
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
     let golden = metadata::Golden {
         input_png_base64: base64::engine::general_purpose::STANDARD.encode(&png),
         probabilities: head.probabilities(set.row(i)),
         tolerance: 1e-3,
     };
-    Ok(vec![
+    let meta = vec![
         (metadata::LABELS.into(), serde_json::to_string(&ds.classes)?),
         (metadata::INPUT.into(), serde_json::to_string(&input)?),
         (
             metadata::BACKBONE.into(),
             serde_json::to_string(&backbone_spec)?,
         ),
-        (
-            metadata::QUANTIZATION.into(),
-            serde_json::to_string(&quant)?,
-        ),
+        (metadata::QUANTIZATION.into(), quantization_json(form)?),
         (metadata::METRICS.into(), metrics.to_string()),
         (metadata::DATASET_DIGEST.into(), digest.into()),
         (metadata::VERSION.into(), env!("CARGO_PKG_VERSION").into()),
         (metadata::CREATED.into(), created.into()),
         (metadata::GOLDEN.into(), serde_json::to_string(&golden)?),
-    ])
+    ];
+    Ok((meta, img))
+}
+
+fn quantization_json(form: QuantizeForm) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(&metadata::QuantizationSpec {
+        form: form.name().into(),
+    })?)
+}
+
+fn set_meta(meta: &mut [(String, String)], key: &str, value: String) {
+    if let Some(entry) = meta.iter_mut().find(|(k, _)| k == key) {
+        entry.1 = value;
+    }
+}
+
+/// Writes one model file. A quantized model's golden output is what that file computes (run
+/// here with tract), so the device's self-test checks the file, not the float trainer.
+fn export_model(
+    backbone: &Backbone,
+    head: &crate::head::HeadWeights,
+    form: QuantizeForm,
+    mut meta: Vec<(String, String)>,
+    golden_img: &image::RgbImage,
+    path: &Path,
+) -> anyhow::Result<u64> {
+    let bytes = onnx::write_model(&onnx::build_model(backbone, head, form, &meta)?, path)?;
+    if form == QuantizeForm::None {
+        return Ok(bytes);
+    }
+    let probabilities = ExportedModel::load(path)?.predict(golden_img)?;
+    let golden_json = meta
+        .iter()
+        .find(|(k, _)| k == metadata::GOLDEN)
+        .map(|(_, v)| v.clone())
+        .context("golden metadata missing")?;
+    let mut golden: metadata::Golden = serde_json::from_str(&golden_json)?;
+    golden.probabilities = probabilities;
+    set_meta(&mut meta, metadata::GOLDEN, serde_json::to_string(&golden)?);
+    Ok(onnx::write_model(
+        &onnx::build_model(backbone, head, form, &meta)?,
+        path,
+    )?)
 }

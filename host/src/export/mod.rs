@@ -1,4 +1,6 @@
-//! From trained head to a model file: ONNX graph, metadata, and verification with tract.
+//! From trained head to a model file: ONNX graph, weight quantization, and verification with
+//! tract.
 
 pub mod onnx;
+pub mod quantize;
 pub mod verify;

@@ -13,6 +13,7 @@ use tract_onnx::pb::{
     StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
+use super::quantize::{per_channel_int8, QuantizeForm};
 use crate::backbone::{Activation, Backbone, Conv};
 use crate::head::HeadWeights;
 
@@ -35,11 +36,11 @@ pub enum OnnxError {
 }
 
 /// Builds nodes and initializers with generated, unique names.
-#[derive(Default)]
 struct GraphBuilder {
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     counter: usize,
+    form: QuantizeForm,
 }
 
 fn attr_int(name: &str, i: i64) -> AttributeProto {
@@ -100,6 +101,39 @@ impl GraphBuilder {
         name
     }
 
+    fn constant_i8(&mut self, prefix: &str, dims: &[usize], values: &[i8]) -> String {
+        let name = self.fresh(prefix);
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: DataType::Int8 as i32,
+            raw_data: values.iter().map(|&v| v as u8).collect(),
+            ..Default::default()
+        });
+        name
+    }
+
+    /// A weight tensor whose first dimension is the output channel, stored as the export's
+    /// quantization form asks; the returned name always carries float values.
+    fn weight(&mut self, prefix: &str, dims: &[usize], values: &[f32]) -> String {
+        match self.form {
+            QuantizeForm::None => self.constant_f32(prefix, dims, values),
+            QuantizeForm::Int8Weights => {
+                let (q, scales) = per_channel_int8(values, dims[0]);
+                let q = self.constant_i8(&format!("{prefix}_int8"), dims, &q);
+                let scale = self.constant_f32(&format!("{prefix}_scale"), &[dims[0]], &scales);
+                let zero =
+                    self.constant_i8(&format!("{prefix}_zero"), &[dims[0]], &vec![0; dims[0]]);
+                self.node(
+                    "DequantizeLinear",
+                    &[&q, &scale, &zero],
+                    vec![attr_int("axis", 0)],
+                    None,
+                )
+            }
+        }
+    }
+
     fn node(
         &mut self,
         op: &str,
@@ -126,7 +160,7 @@ impl GraphBuilder {
         let dims = conv.weight.dims().to_vec();
         let w = conv.weight.flatten_all()?.to_vec1::<f32>()?;
         let b = conv.bias.to_vec1::<f32>()?;
-        let w = self.constant_f32(&format!("{prefix}_weight"), &dims, &w);
+        let w = self.weight(&format!("{prefix}_weight"), &dims, &w);
         let b = self.constant_f32(&format!("{prefix}_bias"), &[dims[0]], &b);
         let p = conv.padding;
         let s = conv.stride as i64;
@@ -157,10 +191,12 @@ impl GraphBuilder {
     }
 }
 
-/// The complete model: graph plus `metadata_props` (key, value) in the given order.
+/// The complete model: graph plus `metadata_props` (key, value) in the given order, with its
+/// weights stored as `form` says.
 pub fn build_model(
     backbone: &Backbone,
     head: &HeadWeights,
+    form: QuantizeForm,
     metadata: &[(String, String)],
 ) -> Result<ModelProto, OnnxError> {
     if head.features != backbone.feature_dim() {
@@ -170,7 +206,12 @@ pub fn build_model(
         });
     }
     let size = backbone.input_size as i64;
-    let mut g = GraphBuilder::default();
+    let mut g = GraphBuilder {
+        nodes: Vec::new(),
+        initializers: Vec::new(),
+        counter: 0,
+        form,
+    };
 
     // Preprocessing inside the graph: u8 NHWC -> f32, (x - mean) / std, -> NCHW.
     let x = g.node(
@@ -205,7 +246,7 @@ pub fn build_model(
     x = g.conv(&x, &backbone.head, "head_conv")?;
     x = g.node("GlobalAveragePool", &[&x], vec![], None);
     x = g.node("Flatten", &[&x], vec![attr_int("axis", 1)], None);
-    let w = g.constant_f32(
+    let w = g.weight(
         "classifier_weight",
         &[head.classes, head.features],
         &head.weight,

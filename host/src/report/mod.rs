@@ -190,6 +190,10 @@ pub struct ExportInfo {
     pub candle_accuracy: f64,
     /// Accuracy of the ONNX model (run with tract) on those photos, 0..=1.
     pub onnx_accuracy: f64,
+    /// How the model stores its weights: `none` or `int8-weights`.
+    pub quantization: String,
+    /// Size of the float model written beside it (`--keep-float`), if any.
+    pub float_model_bytes: Option<u64>,
     /// Share of photos on which both models predict the same class, 0..=1.
     pub agreement: f64,
     /// Largest difference between the two models in any class probability of any photo.
@@ -768,6 +772,10 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
             writeln!(out, "| model | {} |", cell(&export.model))?;
             writeln!(out, "| size | {:.1} MB |", export.model_bytes as f64 / 1e6)?;
             writeln!(out, "| ONNX opset | {} |", export.opset)?;
+            writeln!(out, "| quantization | {} |", export.quantization)?;
+            if let Some(bytes) = export.float_model_bytes {
+                writeln!(out, "| float model (model-f32.onnx) | {bytes} bytes |")?;
+            }
             writeln!(out, "| photos verified | {} |", export.verify_images)?;
             writeln!(out, "| candle accuracy | {} |", pct(export.candle_accuracy))?;
             writeln!(
@@ -953,6 +961,8 @@ dog            0    1
                 verify_images: 40,
                 candle_accuracy: 0.85,
                 onnx_accuracy: 0.85,
+                quantization: "int8-weights".into(),
+                float_model_bytes: Some(18_600_000),
                 agreement: 1.0,
                 max_probability_diff: 1e-5,
                 tract_ms_per_image: 31.7,
