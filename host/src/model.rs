@@ -44,7 +44,41 @@ pub struct ExportedModel {
     pub input: InputSpec,
     /// Every `metadata_props` entry.
     pub metadata: BTreeMap<String, String>,
+    pub graph: GraphSummary,
     plan: Arc<Plan>,
+}
+
+/// What the graph is made of, read from the file (before any runtime optimisation).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct GraphSummary {
+    /// Node count per operator type.
+    pub ops: BTreeMap<String, usize>,
+    /// Convolutions and matrix products whose weights are stored as int8.
+    pub int8_weight_layers: usize,
+    /// Convolutions and matrix products whose weights are stored as float.
+    pub float_weight_layers: usize,
+}
+
+impl GraphSummary {
+    fn of(graph: &tract_onnx::pb::GraphProto) -> Self {
+        let dequantized: std::collections::HashSet<&str> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "DequantizeLinear")
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .collect();
+        let mut s = Self::default();
+        for n in &graph.node {
+            *s.ops.entry(n.op_type.clone()).or_default() += 1;
+            if matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul") {
+                match n.input.get(1) {
+                    Some(w) if dequantized.contains(w.as_str()) => s.int8_weight_layers += 1,
+                    _ => s.float_weight_layers += 1,
+                }
+            }
+        }
+        s
+    }
 }
 
 impl std::fmt::Debug for ExportedModel {
@@ -90,6 +124,11 @@ impl ExportedModel {
             .map_err(|e| meta_err(metadata::LABELS, format!("not a JSON list of names ({e})")))?;
         let input: InputSpec = serde_json::from_str(json(metadata::INPUT)?)
             .map_err(|e| meta_err(metadata::INPUT, format!("malformed ({e})")))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .map(GraphSummary::of)
+            .unwrap_or_default();
         let plan = tract_onnx::onnx()
             .model_for_proto_model(&proto)
             .and_then(|m| m.into_optimized())
@@ -101,6 +140,7 @@ impl ExportedModel {
             labels,
             input,
             metadata,
+            graph,
             plan,
         })
     }
@@ -134,6 +174,57 @@ impl ExportedModel {
     pub fn predict_file(&self, path: &Path) -> Result<Vec<f32>, PredictFileError> {
         let img = dataset::load_input(path, self.input.width, self.input.height)?;
         Ok(self.predict(&img)?)
+    }
+}
+
+/// The result of running the model's stored golden input through it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SelfTest {
+    pub passed: bool,
+    pub max_abs_diff: f32,
+    pub tolerance: f32,
+    pub expected: Vec<f32>,
+    pub got: Vec<f32>,
+}
+
+impl ExportedModel {
+    /// Runs the golden input stored in `petcam.golden` and compares with the stored output.
+    pub fn self_test(&self) -> Result<SelfTest, ModelError> {
+        use base64::Engine;
+        let meta_err = |problem: String| ModelError::Metadata {
+            path: self.path.clone(),
+            key: metadata::GOLDEN,
+            problem,
+        };
+        let golden: metadata::Golden = self
+            .metadata
+            .get(metadata::GOLDEN)
+            .ok_or_else(|| meta_err("missing".into()))
+            .and_then(|j| {
+                serde_json::from_str(j).map_err(|e| meta_err(format!("malformed ({e})")))
+            })?;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(&golden.input_png_base64)
+            .map_err(|e| meta_err(format!("input is not base64 ({e})")))?;
+        let img = image::load_from_memory(&png)
+            .map_err(|e| meta_err(format!("input is not a PNG ({e})")))?
+            .into_rgb8();
+        let got = self.predict(&img)?;
+        let max_abs_diff = if got.len() == golden.probabilities.len() {
+            got.iter()
+                .zip(&golden.probabilities)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        } else {
+            f32::INFINITY
+        };
+        Ok(SelfTest {
+            passed: max_abs_diff <= golden.tolerance,
+            max_abs_diff,
+            tolerance: golden.tolerance,
+            expected: golden.probabilities,
+            got,
+        })
     }
 }
 

@@ -101,6 +101,18 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     assert_eq!(eval["confusion"].as_array().unwrap().len(), 2);
     assert!(eval["per_class"]["cat"]["recall"].is_number());
 
+    // inspect: what the model is, and its stored golden pair run through tract.
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("inspect").arg(out.join("model.onnx")).arg("--json");
+    let inspect = run(&mut cmd);
+    assert!(inspect.status.success());
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(inspect["labels"], serde_json::json!(["cat", "dog"]));
+    assert_eq!(inspect["self_test"]["passed"], true);
+    assert_eq!(inspect["quantization"]["form"], "int8-weights");
+    assert_eq!(inspect["graph"]["float_weight_layers"], 0);
+    assert_eq!(inspect["graph"]["int8_weight_layers"], 50); // 49 convolutions + the head
+
     // Second run: every feature comes from the cache, and the same seed gives the same model.
     // The default model stores int8 weights: about a quarter of the float model, which
     // --keep-float writes beside it.

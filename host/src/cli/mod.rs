@@ -1,6 +1,7 @@
 //! The `petcam` command line: one file per subcommand.
 
 pub mod evaluate;
+pub mod inspect;
 pub mod train_and_export;
 
 use clap::{Parser, Subcommand};
@@ -23,12 +24,14 @@ pub struct Cli {
 pub enum Command {
     TrainAndExport(train_and_export::Args),
     Evaluate(evaluate::Args),
+    Inspect(inspect::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::TrainAndExport(a) => train_and_export::run(a),
         Command::Evaluate(a) => evaluate::run(a),
+        Command::Inspect(a) => inspect::run(a),
     }
 }
 
