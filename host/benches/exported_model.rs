@@ -1,0 +1,72 @@
+//! tract latency of the exported model, float vs int8 weights, measured in the same run.
+//!
+//! Both files are built here from the ImageNet backbone and a fixed two-class head, so no
+//! training is needed. Needs `../shared/backbones/efficientnet-lite0-57934424.pth`.
+//! Run: `cargo bench -p petcam-host --bench exported_model`.
+
+use candle_core::Device;
+use criterion::{criterion_group, criterion_main, Criterion};
+use petcam_host::backbone::Backbone;
+use petcam_host::export::onnx;
+use petcam_host::export::quantize::QuantizeForm;
+use petcam_host::head::HeadWeights;
+use petcam_host::model::ExportedModel;
+use petcam_host::test_support::shared_dir;
+use petcam_shared::metadata;
+
+fn exported_model(c: &mut Criterion) {
+    let Some(weights) = shared_dir()
+        .map(|d| d.join("backbones/efficientnet-lite0-57934424.pth"))
+        .filter(|p| p.is_file())
+    else {
+        eprintln!("skipping: ../shared/backbones/efficientnet-lite0-57934424.pth is missing");
+        return;
+    };
+    let net = Backbone::load("efficientnet-lite0", &weights, &Device::Cpu).unwrap();
+    let head = HeadWeights {
+        classes: 2,
+        features: 1280,
+        weight: (0..2 * 1280)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+            .collect(),
+        bias: vec![0.1, -0.1],
+    };
+    let input = metadata::InputSpec {
+        name: onnx::INPUT_NAME.into(),
+        width: 224,
+        height: 224,
+        channels: 3,
+        layout: "NHWC".into(),
+        dtype: "uint8".into(),
+        color: "RGB".into(),
+        resize: metadata::RESIZE_BILINEAR_AA.into(),
+        mean: 127.0,
+        std: 128.0,
+    };
+    let meta = vec![
+        (metadata::LABELS.to_owned(), r#"["cat","dog"]"#.to_owned()),
+        (
+            metadata::INPUT.to_owned(),
+            serde_json::to_string(&input).unwrap(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let img = image::RgbImage::from_fn(224, 224, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+
+    let mut group = c.benchmark_group("tract_exported_model_1_thread");
+    group.sample_size(60);
+    for form in [QuantizeForm::None, QuantizeForm::Int8Weights] {
+        let path = dir.path().join(format!("{}.onnx", form.name()));
+        let proto = onnx::build_model(&net, &head, form, &meta).unwrap();
+        let bytes = onnx::write_model(&proto, &path).unwrap();
+        eprintln!("{}: {bytes} bytes", form.name());
+        let model = ExportedModel::load(&path).unwrap();
+        group.bench_function(form.name(), |b| b.iter(|| model.predict(&img).unwrap()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, exported_model);
+criterion_main!(benches);
