@@ -534,25 +534,23 @@ fn export_model(
     backbone: &Backbone,
     head: &crate::head::HeadWeights,
     form: QuantizeForm,
-    mut meta: Vec<(String, String)>,
+    meta: Vec<(String, String)>,
     golden_img: &image::RgbImage,
     path: &Path,
 ) -> anyhow::Result<u64> {
-    let bytes = onnx::write_model(&onnx::build_model(backbone, head, form, &meta)?, path)?;
+    let mut proto = onnx::build_model(backbone, head, form, &meta)?;
+    let bytes = onnx::write_model(&proto, path)?;
     if form == QuantizeForm::None {
         return Ok(bytes);
     }
     let probabilities = ExportedModel::load(path)?.predict(golden_img)?;
-    let golden_json = meta
-        .iter()
-        .find(|(k, _)| k == metadata::GOLDEN)
-        .map(|(_, v)| v.clone())
+    let entry = proto
+        .metadata_props
+        .iter_mut()
+        .find(|e| e.key == metadata::GOLDEN)
         .context("golden metadata missing")?;
-    let mut golden: metadata::Golden = serde_json::from_str(&golden_json)?;
+    let mut golden: metadata::Golden = serde_json::from_str(&entry.value)?;
     golden.probabilities = probabilities;
-    set_meta(&mut meta, metadata::GOLDEN, serde_json::to_string(&golden)?);
-    Ok(onnx::write_model(
-        &onnx::build_model(backbone, head, form, &meta)?,
-        path,
-    )?)
+    entry.value = serde_json::to_string(&golden)?;
+    Ok(onnx::write_model(&proto, path)?)
 }
