@@ -114,7 +114,6 @@ pub fn load(
             blocks,
             head,
             classifier,
-            weights_path: path.to_owned(),
             weights_sha256: sha,
         })
         .map_err(|source| BackboneError::Parameter {

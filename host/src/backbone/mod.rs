@@ -206,8 +206,7 @@ pub struct Backbone {
     pub blocks: Vec<Block>,
     pub head: Conv,
     pub classifier: Option<Classifier>,
-    /// Where the weights came from and their SHA-256: part of the feature cache key.
-    pub weights_path: PathBuf,
+    /// SHA-256 of the weights file: part of the feature cache key.
     pub weights_sha256: String,
 }
 
@@ -263,8 +262,9 @@ impl Backbone {
     pub fn imagenet_logits(&self, features: &Tensor) -> Option<candle_core::Result<Tensor>> {
         let c = self.classifier.as_ref()?;
         Some(
-            features
-                .matmul(&c.weight.t().ok()?)
+            c.weight
+                .t()
+                .and_then(|w| features.matmul(&w))
                 .and_then(|l| l.broadcast_add(&c.bias)),
         )
     }
