@@ -7,15 +7,11 @@
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use petcam_host::backbone::Backbone;
-use petcam_host::test_support::shared_dir;
+use petcam_host::test_support::shared_fixture;
 use rayon::prelude::*;
 
 fn backbone_forward(c: &mut Criterion) {
-    let Some(weights) = shared_dir()
-        .map(|d| d.join("backbones/efficientnet-lite0-57934424.pth"))
-        .filter(|p| p.is_file())
-    else {
-        eprintln!("skipping: ../shared/backbones/efficientnet-lite0-57934424.pth is missing");
+    let Some(weights) = shared_fixture("backbones/efficientnet-lite0-57934424.pth") else {
         return;
     };
     let net = Backbone::load("efficientnet-lite0", &weights, &Device::Cpu).unwrap();

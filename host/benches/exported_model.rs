@@ -11,15 +11,11 @@ use petcam_host::export::onnx;
 use petcam_host::export::quantize::QuantizeForm;
 use petcam_host::head::HeadWeights;
 use petcam_host::model::ExportedModel;
-use petcam_host::test_support::shared_dir;
+use petcam_host::test_support::shared_fixture;
 use petcam_shared::metadata;
 
 fn exported_model(c: &mut Criterion) {
-    let Some(weights) = shared_dir()
-        .map(|d| d.join("backbones/efficientnet-lite0-57934424.pth"))
-        .filter(|p| p.is_file())
-    else {
-        eprintln!("skipping: ../shared/backbones/efficientnet-lite0-57934424.pth is missing");
+    let Some(weights) = shared_fixture("backbones/efficientnet-lite0-57934424.pth") else {
         return;
     };
     let net = Backbone::load("efficientnet-lite0", &weights, &Device::Cpu).unwrap();

@@ -153,7 +153,7 @@ fn batch_tensor(set: &FeatureSet, idx: &[usize], dev: &Device) -> candle_core::R
 }
 
 fn correct(logits: &Tensor, labels: &[usize]) -> candle_core::Result<usize> {
-    let pred = crate::backbone::argmax_rows(logits)?;
+    let pred = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     Ok(pred
         .iter()
         .zip(labels)

@@ -13,7 +13,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 pub use efficientnet_lite::EfficientNetLiteConfig;
 
@@ -268,9 +268,4 @@ impl Backbone {
                 .and_then(|l| l.broadcast_add(&c.bias)),
         )
     }
-}
-
-/// Index of the largest value in each row.
-pub fn argmax_rows(t: &Tensor) -> candle_core::Result<Vec<u32>> {
-    t.argmax(D::Minus1)?.to_vec1::<u32>()
 }
