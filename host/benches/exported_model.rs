@@ -55,7 +55,7 @@ fn exported_model(c: &mut Criterion) {
     group.sample_size(60);
     for form in [QuantizeForm::None, QuantizeForm::Int8Weights] {
         let path = dir.path().join(format!("{}.onnx", form.name()));
-        let proto = onnx::build_model(&net, &head, form, &meta).unwrap();
+        let proto = onnx::build_model(&net, &head, form, None, &meta).unwrap();
         let bytes = onnx::write_model(&proto, &path).unwrap();
         eprintln!("{}: {bytes} bytes", form.name());
         let model = ExportedModel::load(&path).unwrap();

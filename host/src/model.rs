@@ -53,9 +53,13 @@ pub struct ExportedModel {
 pub struct GraphSummary {
     /// Node count per operator type.
     pub ops: BTreeMap<String, usize>,
-    /// Convolutions and matrix products whose weights are stored as int8.
+    /// Layers computed in integers: `QLinearConv` and `QLinearMatMul` (int8 weights, u8
+    /// activations).
+    pub int8_layers: usize,
+    /// Float convolutions and matrix products whose weights are stored as int8
+    /// (`DequantizeLinear` restores them at load).
     pub int8_weight_layers: usize,
-    /// Convolutions and matrix products whose weights are stored as float.
+    /// Float convolutions and matrix products with float weights.
     pub float_weight_layers: usize,
 }
 
@@ -70,11 +74,13 @@ impl GraphSummary {
         let mut s = Self::default();
         for n in &graph.node {
             *s.ops.entry(n.op_type.clone()).or_default() += 1;
-            if matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul") {
-                match n.input.get(1) {
+            match n.op_type.as_str() {
+                "QLinearConv" | "QLinearMatMul" => s.int8_layers += 1,
+                "Conv" | "Gemm" | "MatMul" => match n.input.get(1) {
                     Some(w) if dequantized.contains(w.as_str()) => s.int8_weight_layers += 1,
                     _ => s.float_weight_layers += 1,
-                }
+                },
+                _ => {}
             }
         }
         s
@@ -97,12 +103,17 @@ impl ExportedModel {
             path: path.to_owned(),
             source,
         })?;
+        Self::from_bytes(&data, path)
+    }
+
+    /// A model from the bytes of an ONNX file; `path` names it in errors.
+    pub fn from_bytes(data: &[u8], path: &Path) -> Result<Self, ModelError> {
         let load_err = |e: anyhow::Error| ModelError::Load {
             path: path.to_owned(),
             reason: format!("{e:#}"),
         };
         let proto = tract_onnx::onnx()
-            .proto_model_for_read(&mut data.as_slice())
+            .proto_model_for_read(&mut &data[..])
             .map_err(load_err)?;
         let metadata: BTreeMap<String, String> = proto
             .metadata_props
@@ -147,6 +158,15 @@ impl ExportedModel {
 
     /// Class probabilities for an RGB image already resized to the model's input.
     pub fn predict(&self, rgb: &RgbImage) -> Result<Vec<f32>, ModelError> {
+        let out = self
+            .plan
+            .run(tvec!(self.input_tensor(rgb)?))
+            .map_err(run_err)?;
+        let probs = out[0].to_plain_array_view::<f32>().map_err(run_err)?;
+        Ok(probs.iter().copied().collect())
+    }
+
+    fn input_tensor(&self, rgb: &RgbImage) -> Result<TValue, ModelError> {
         let (w, h) = (self.input.width, self.input.height);
         if rgb.dimensions() != (w, h) {
             return Err(ModelError::Run(format!(
@@ -160,14 +180,48 @@ impl ExportedModel {
             rgb.as_raw().clone(),
         )
         .map_err(|e| ModelError::Run(e.to_string()))?;
-        let out = self
-            .plan
-            .run(tvec!(Tensor::from(input).into_tvalue()))
-            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
-        let probs = out[0]
-            .to_plain_array_view::<f32>()
-            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
-        Ok(probs.iter().copied().collect())
+        Ok(Tensor::from(input).into_tvalue())
+    }
+
+    /// Runs `rgb` through the optimised plan `runs` times, timing every node; returns the
+    /// mean time of each node in plan order (tract's own node names and operator names, after
+    /// its optimisation, so they show what actually ran).
+    pub fn profile(&self, rgb: &RgbImage, runs: usize) -> Result<Vec<NodeTime>, ModelError> {
+        let input = self.input_tensor(rgb)?;
+        let mut totals: Vec<(usize, String, String, std::time::Duration)> = Vec::new();
+        let mut state = TypedSimpleState::new(&self.plan).map_err(run_err)?;
+        for _ in 0..runs.max(1) {
+            let mut i = 0;
+            state
+                .run_plan_with_eval(tvec!(input.clone()), |ctx, op_state, node, inputs| {
+                    let start = std::time::Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let took = start.elapsed();
+                    if totals.len() <= i {
+                        totals.push((
+                            node.id,
+                            node.name.clone(),
+                            node.op().name().to_string(),
+                            took,
+                        ));
+                    } else {
+                        totals[i].3 += took;
+                    }
+                    i += 1;
+                    out
+                })
+                .map_err(run_err)?;
+        }
+        let n = runs.max(1) as f64;
+        Ok(totals
+            .into_iter()
+            .map(|(id, name, op, t)| NodeTime {
+                id,
+                name,
+                op,
+                ms: t.as_secs_f64() * 1000.0 / n,
+            })
+            .collect())
     }
 
     /// Decodes a photo, resizes it with the shared routine and predicts.
@@ -175,6 +229,98 @@ impl ExportedModel {
         let img = dataset::load_input(path, self.input.width, self.input.height)?;
         Ok(self.predict(&img)?)
     }
+}
+
+fn run_err(e: anyhow::Error) -> ModelError {
+    ModelError::Run(format!("{e:#}"))
+}
+
+/// Mean time of one node of the optimised plan.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NodeTime {
+    pub id: usize,
+    pub name: String,
+    pub op: String,
+    pub ms: f64,
+}
+
+/// Single-thread inference times of one model, from [`latency`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Latency {
+    pub runs: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub mean_ms: f64,
+}
+
+/// Times `runs` inferences of each model on `rgb`, on the calling thread. The models take
+/// turns run by run, so a slow spell of a shared machine hits all of them alike and their
+/// ratio holds. One untimed warm-up run each comes first.
+pub fn latency(
+    models: &[&ExportedModel],
+    rgb: &RgbImage,
+    runs: usize,
+) -> Result<Vec<Latency>, ModelError> {
+    let runs = runs.max(1);
+    let inputs = models
+        .iter()
+        .map(|m| m.input_tensor(rgb))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut times = vec![Vec::with_capacity(runs); models.len()];
+    for round in 0..=runs {
+        for ((m, input), t) in models.iter().zip(&inputs).zip(&mut times) {
+            let start = std::time::Instant::now();
+            m.plan.run(tvec!(input.clone())).map_err(run_err)?;
+            if round > 0 {
+                t.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+            Latency {
+                runs,
+                p50_ms: at(0.5),
+                p90_ms: at(0.9),
+                mean_ms: t.iter().sum::<f64>() / t.len() as f64,
+            }
+        })
+        .collect())
+}
+
+/// Mean time per operator type over a profile, largest first: where the time goes.
+pub fn time_by_op(profile: &[NodeTime]) -> Vec<OpTime> {
+    let mut by: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
+    for n in profile {
+        let e = by.entry(n.op.as_str()).or_default();
+        e.0 += 1;
+        e.1 += n.ms;
+    }
+    let total: f64 = profile.iter().map(|n| n.ms).sum();
+    let mut v: Vec<OpTime> = by
+        .into_iter()
+        .map(|(op, (nodes, ms))| OpTime {
+            op: op.to_owned(),
+            nodes,
+            ms,
+            share: if total > 0.0 { ms / total } else { 0.0 },
+        })
+        .collect();
+    v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    v
+}
+
+/// Time spent in one operator type of the optimised plan.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OpTime {
+    pub op: String,
+    pub nodes: usize,
+    pub ms: f64,
+    /// Fraction of the whole run, 0..=1.
+    pub share: f64,
 }
 
 /// The result of running the model's stored golden input through it.
@@ -188,8 +334,8 @@ pub struct SelfTest {
 }
 
 impl ExportedModel {
-    /// Runs the golden input stored in `petcam.golden` and compares with the stored output.
-    pub fn self_test(&self) -> Result<SelfTest, ModelError> {
+    /// The golden pair stored in `petcam.golden`: input image and expected output.
+    pub fn golden(&self) -> Result<(RgbImage, metadata::Golden), ModelError> {
         use base64::Engine;
         let meta_err = |problem: String| ModelError::Metadata {
             path: self.path.clone(),
@@ -209,6 +355,12 @@ impl ExportedModel {
         let img = image::load_from_memory(&png)
             .map_err(|e| meta_err(format!("input is not a PNG ({e})")))?
             .into_rgb8();
+        Ok((img, golden))
+    }
+
+    /// Runs the golden input stored in `petcam.golden` and compares with the stored output.
+    pub fn self_test(&self) -> Result<SelfTest, ModelError> {
+        let (img, golden) = self.golden()?;
         let got = self.predict(&img)?;
         let max_abs_diff = if got.len() == golden.probabilities.len() {
             got.iter()

@@ -63,6 +63,17 @@ pub struct BackboneSpec {
 pub struct QuantizationSpec {
     /// `none`, `int8-weights` or `int8`.
     pub form: String,
+    /// How `int8` activation ranges were chosen; absent for the other forms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationSpec {
+    /// `min-max` or `percentile`.
+    pub method: String,
+    /// Training photos the float model ran over.
+    pub images: u32,
 }
 
 /// A self-test vector: the input (PNG, base64) and the probabilities the exporter computed.

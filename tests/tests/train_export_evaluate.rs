@@ -45,6 +45,7 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
             .arg(&out)
             .arg("--cache-dir")
             .arg(&cache)
+            .args(["--latency-runs", "5"])
             .args(extra);
         run(&mut cmd)
     };
@@ -82,7 +83,15 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     let val_acc = report["evaluation"]["accuracy"].as_f64().unwrap();
     assert!(val_acc >= 0.9, "validation accuracy {val_acc}");
     let export = &report["export"];
-    assert!(export["agreement"].as_f64().unwrap() >= 0.995);
+    assert!(export["float_agreement"].as_f64().unwrap() >= 0.995);
+    let q = &export["quantization"];
+    assert_eq!(q["form"], "int8-weights");
+    assert!(q["agreement"].as_f64().unwrap() >= 0.995);
+    assert!(q["accuracy"].as_f64().unwrap() >= q["float_accuracy"].as_f64().unwrap() - 0.01);
+    assert!(q["size_ratio"].as_f64().unwrap() <= 0.3);
+    assert_eq!(q["latency"]["runs"], 5);
+    assert!(q["profile"].as_array().unwrap().len() > 3);
+    assert!(q["calibration"].is_null());
     assert_eq!(report["timings"]["features_computed"], 70);
 
     // The exported file, scored by tract, through the evaluate command.
@@ -112,11 +121,15 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     assert_eq!(inspect["quantization"]["form"], "int8-weights");
     assert_eq!(inspect["graph"]["float_weight_layers"], 0);
     assert_eq!(inspect["graph"]["int8_weight_layers"], 50); // 49 convolutions + the head
+    assert_eq!(inspect["graph"]["int8_layers"], 0);
+    assert_eq!(
+        inspect["metrics"]["tract_accuracy"].as_f64(),
+        export["onnx_accuracy"].as_f64()
+    );
 
     // Second run: every feature comes from the cache, and the same seed gives the same model.
     // The default model stores int8 weights: about a quarter of the float model, which
     // --keep-float writes beside it.
-    assert_eq!(export["quantization"], "int8-weights");
     let model_a = std::fs::read(out.join("model.onnx")).unwrap();
     let second = train(&["--keep-float"]);
     assert!(second.status.success());
@@ -130,7 +143,10 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     );
     let model_b = std::fs::read(out.join("model.onnx")).unwrap();
     let float = std::fs::metadata(out.join("model-f32.onnx")).unwrap().len();
-    assert_eq!(report2["export"]["float_model_bytes"], float);
+    assert_eq!(
+        report2["export"]["quantization"]["float_model_bytes"],
+        float
+    );
     assert!(
         (model_b.len() as f64) < 0.3 * float as f64,
         "int8 model {} bytes, float {float}",
@@ -138,6 +154,52 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     );
     // Only the creation time in the metadata may differ.
     assert_eq!(model_a.len(), model_b.len());
+
+    // Static int8: QLinearConv everywhere, calibrated on training photos, still verified
+    // against float (a loss of more than a point would fail this run).
+    let third = train(&["--quantize", "int8", "--calibration-images", "12"]);
+    assert!(third.status.success());
+    let report3: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let q = &report3["export"]["quantization"];
+    assert_eq!(q["form"], "int8");
+    assert_eq!(q["calibration"]["images"], 12);
+    assert_eq!(q["calibration"]["method"], "percentile");
+    assert_eq!(q["int8_layers"], 50);
+    assert!(q["accuracy"].as_f64().unwrap() >= q["float_accuracy"].as_f64().unwrap() - 0.01);
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("inspect").arg(out.join("model.onnx")).arg("--json");
+    let inspect = run(&mut cmd);
+    assert!(
+        inspect.status.success(),
+        "self-test of the int8 model failed"
+    );
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(inspect["graph"]["ops"]["QLinearConv"], 49);
+    assert_eq!(inspect["graph"]["ops"]["QLinearMatMul"], 1);
+    assert!(inspect["graph"]["ops"]["Conv"].is_null());
+    assert_eq!(inspect["quantization"]["calibration"]["images"], 12);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Quantization") && md.contains("im2col"),
+        "{md}"
+    );
+
+    // bench: both files side by side, with a per-operator profile.
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("bench")
+        .arg(out.join("model-f32.onnx"))
+        .arg(out.join("model.onnx"))
+        .args(["--runs", "3", "--profile", "--profile-runs", "1", "--json"]);
+    let bench = run(&mut cmd);
+    assert!(bench.status.success());
+    let bench: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    let models = bench["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0]["quantization"], "none");
+    assert_eq!(models[1]["quantization"], "int8");
+    assert_eq!(models[1]["latency"]["runs"], 3);
+    assert!(models[1]["profile"].as_array().unwrap().len() > 3);
 }
 
 #[test]

@@ -258,6 +258,43 @@ impl Backbone {
         self.after_stem(ops::stem_from_rgb(rgb, &self.stem, self.normalization)?)
     }
 
+    /// Like [`Backbone::features`], calling `visit` with every tensor the int8 export
+    /// quantizes, in graph order: `stem`, then per block `block{i}_expand` (when the block
+    /// expands), `block{i}_depthwise`, `block{i}_project`, `block{i}_add` (when residual), then
+    /// `head_conv` and the pooled `features`. Calibration records their ranges under these names.
+    pub fn trace(
+        &self,
+        rgb: &Tensor,
+        visit: &mut dyn FnMut(&str, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let mut y = if rgb.device().is_cpu() && self.stem.groups == 1 {
+            ops::stem_from_rgb(rgb, &self.stem, self.normalization)?
+        } else {
+            self.stem.forward(&self.normalize(rgb)?)?
+        };
+        visit("stem", &y)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let input = y.clone();
+            if let Some(e) = &block.expand {
+                y = e.forward(&y)?;
+                visit(&format!("block{i}_expand"), &y)?;
+            }
+            y = block.depthwise.forward(&y)?;
+            visit(&format!("block{i}_depthwise"), &y)?;
+            y = block.project.forward(&y)?;
+            visit(&format!("block{i}_project"), &y)?;
+            if block.residual {
+                y = (y + input)?;
+                visit(&format!("block{i}_add"), &y)?;
+            }
+        }
+        y = self.head.forward(&y)?;
+        visit("head_conv", &y)?;
+        let f = y.mean((2, 3))?;
+        visit("features", &f)?;
+        Ok(f)
+    }
+
     /// ImageNet logits from pooled features, when the checkpoint carries its classifier.
     pub fn imagenet_logits(&self, features: &Tensor) -> Option<candle_core::Result<Tensor>> {
         let c = self.classifier.as_ref()?;

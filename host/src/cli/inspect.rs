@@ -7,8 +7,8 @@ use petcam_shared::metadata;
 use crate::model::ExportedModel;
 
 /// Print what an exported model is: labels, input, backbone, quantization, size, operator
-/// histogram (how many layers hold int8 or float weights), training metrics, and the result of
-/// running the golden input stored in the model through tract.
+/// histogram (how many layers compute in integers, hold int8 weights, or are float), training
+/// metrics, and the result of running the golden input stored in the model through tract.
 ///
 /// Exits with an error when the self-test fails.
 #[derive(Debug, clap::Args)]
@@ -73,9 +73,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 model.metadata.get(key).map(String::as_str).unwrap_or("-")
             );
         }
+        let g = &model.graph;
         println!(
-            "weights       {} layers int8, {} float",
-            model.graph.int8_weight_layers, model.graph.float_weight_layers
+            "layers        {} integer (QLinearConv/QLinearMatMul), {} with int8 weights, {} float",
+            g.int8_layers, g.int8_weight_layers, g.float_weight_layers
         );
         let ops: Vec<String> = model
             .graph

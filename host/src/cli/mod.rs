@@ -1,5 +1,6 @@
 //! The `petcam` command line: one file per subcommand.
 
+pub mod bench;
 pub mod evaluate;
 pub mod inspect;
 pub mod train_and_export;
@@ -25,6 +26,7 @@ pub enum Command {
     TrainAndExport(train_and_export::Args),
     Evaluate(evaluate::Args),
     Inspect(inspect::Args),
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -32,6 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainAndExport(a) => train_and_export::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

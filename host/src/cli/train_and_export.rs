@@ -7,9 +7,11 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use candle_core::Device;
 use petcam_shared::metadata;
+use prost::Message;
 
 use crate::backbone::Backbone;
 use crate::dataset::{self, Dataset, Split};
+use crate::export::calibrate::{self, RangeMethod};
 use crate::export::quantize::QuantizeForm;
 use crate::export::{onnx, verify};
 use crate::features::{self, FeatureCache, FeatureSet};
@@ -87,17 +89,33 @@ pub struct Args {
     /// Recompute every feature instead of reading or writing the cache.
     #[arg(long)]
     pub no_cache: bool,
-    /// Minimum top-1 agreement between the exported model (tract) and the trainer (candle).
+    /// Minimum top-1 agreement between the float ONNX model (tract) and the trainer (candle);
+    /// below it the exporter itself is wrong and nothing is written.
     #[arg(long, default_value_t = 0.995)]
     pub min_agreement: f64,
-    /// How model.onnx stores its weights: `int8-weights` (per-channel int8, restored to float
-    /// at load: ~4x smaller, same speed) or `none` (float32).
-    #[arg(long, value_enum, default_value = "int8-weights")]
+    /// How model.onnx stores its numbers:
+    ///   int8-weights  per-channel int8 weights restored to float at load: ~27% of the
+    ///                 float size, float accuracy and speed (the default);
+    ///   int8          int8 weights and u8 activations (QLinearConv, QLinearMatMul), ranges
+    ///                 calibrated on training photos: for runtimes with int8 kernels;
+    ///   none          float32.
+    #[arg(long, value_enum, default_value = "int8-weights", verbatim_doc_comment)]
     pub quantize: QuantizeForm,
+    /// Training photos the float model runs over to calibrate `--quantize int8`.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub calibration_images: usize,
+    /// How `--quantize int8` turns calibration values into ranges: `percentile` lets the
+    /// rarest 0.01% of values at each end saturate, `min-max` keeps every value.
+    #[arg(long, value_enum, default_value = "percentile")]
+    pub calibration_method: RangeMethod,
+    /// Single-thread tract runs per model for the latency comparison of the verification.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub latency_runs: usize,
     /// Also write the float model as model-f32.onnx when model.onnx is quantized.
     #[arg(long)]
     pub keep_float: bool,
     /// Write the model even if quantization costs more than 1 point of validation accuracy.
+    /// The report then carries a warning.
     #[arg(long)]
     pub allow_accuracy_drop: bool,
     /// Print the report as JSON on stdout when done.
@@ -254,9 +272,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let evaluation = report::Evaluation::from_predictions(&ds.classes, &val_set.labels, &predicted);
     let digest = features::dataset_digest(&ds.classes, &train_set, &val_set);
 
-    // Export.
+    // Export: the float model is always built (it is the reference of the verification);
+    // the quantized one, when asked for, is what model.onnx holds.
     let t_export = Instant::now();
     let model_path = args.out.join("model.onnx");
+    let float_path = args.out.join("model-f32.onnx");
     let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let (meta, golden_img) = model_metadata(
         &backbone,
@@ -268,58 +288,121 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &digest,
         &created,
         args.quantize,
+        None,
     )?;
-    let model_bytes = export_model(
+    let quantized = args.quantize != QuantizeForm::None;
+    let calibration = if args.quantize == QuantizeForm::Int8 {
+        Some(calibrate_int8(&args, &backbone, &outcome.head, &train_set)?)
+    } else {
+        None
+    };
+    let mut float_meta = meta.clone();
+    set_meta(
+        &mut float_meta,
+        metadata::QUANTIZATION,
+        quantization_json(QuantizeForm::None, None)?,
+    );
+    let float_proto = onnx::build_model(
         &backbone,
         &outcome.head,
-        args.quantize,
-        meta.clone(),
-        &golden_img,
-        &model_path,
+        QuantizeForm::None,
+        None,
+        &float_meta,
     )?;
-    let float_model_bytes = if args.keep_float && args.quantize != QuantizeForm::None {
+    let float_bytes = float_proto.encode_to_vec();
+    let float_model = ExportedModel::from_bytes(
+        &float_bytes,
+        if quantized { &float_path } else { &model_path },
+    )?;
+    let quantized_model = if quantized {
         let mut meta = meta;
         set_meta(
             &mut meta,
             metadata::QUANTIZATION,
-            quantization_json(QuantizeForm::None)?,
+            quantization_json(args.quantize, calibration.as_ref())?,
         );
-        let path = args.out.join("model-f32.onnx");
-        Some(export_model(
+        Some(quantized_model(
             &backbone,
             &outcome.head,
-            QuantizeForm::None,
+            args.quantize,
+            calibration.as_ref(),
             meta,
             &golden_img,
-            &path,
+            &model_path,
         )?)
     } else {
         None
     };
     let export_s = t_export.elapsed().as_secs_f64();
 
+    // Verify before anything is written: a refused model never reaches the output folder.
     let t_verify = Instant::now();
-    let exported = ExportedModel::load(&model_path)?;
-    let check = verify::verify(&exported, &val_set, &candle_probs, args.min_agreement)
-        .with_context(|| format!("verifying {}", model_path.display()))?;
-    let drop = check.candle_accuracy - check.onnx_accuracy;
-    if drop > 0.01 {
-        let msg = format!(
-            "{} ({}) scores {:.2}% on the validation photos, {:.2} points below the float \
-             model's {:.2}%",
-            model_path.display(),
-            args.quantize.name(),
-            check.onnx_accuracy * 100.0,
-            drop * 100.0,
-            check.candle_accuracy * 100.0
-        );
-        if !args.allow_accuracy_drop {
-            let _ = std::fs::remove_file(&model_path);
-            bail!("{msg}; export with --quantize none, or accept it with --allow-accuracy-drop");
+    let check = verify::verify(
+        &float_model,
+        quantized_model.as_ref().map(|(m, _)| m),
+        &val_set,
+        &candle_probs,
+        args.min_agreement,
+        &golden_img,
+        args.latency_runs,
+    )
+    .with_context(|| format!("verifying the export to {}", model_path.display()))?;
+    let mut accuracy_drop_accepted = false;
+    if let Some(q) = &check.quantized {
+        if let Err(e) = verify::check_accuracy_drop(args.quantize.name(), q) {
+            if !args.allow_accuracy_drop {
+                bail!(
+                    "{e}; {} was not written. Export with --quantize int8-weights or none, or \
+                     keep it anyway with --allow-accuracy-drop",
+                    model_path.display()
+                );
+            }
+            tracing::warn!("{e}; writing it anyway because --allow-accuracy-drop was given");
+            accuracy_drop_accepted = true;
         }
-        tracing::warn!("{msg}; kept because --allow-accuracy-drop was given");
     }
+    let exported_model = quantized_model
+        .as_ref()
+        .map(|(m, _)| m)
+        .unwrap_or(&float_model);
+    let profile = exported_model.profile(&golden_img, PROFILE_RUNS)?;
+    let exported_graph = exported_model.graph.clone();
     let verify_s = t_verify.elapsed().as_secs_f64();
+
+    // What verification measured travels in the file too (`petcam inspect` shows it).
+    let mut float_proto = float_proto;
+    let metrics = serde_json::json!({
+        "val_accuracy": evaluation.accuracy,
+        "val_images": val_set.len(),
+        "train_images": train_set.len(),
+        "tract_accuracy": check.float.tract_accuracy,
+    });
+    set_proto_meta(&mut float_proto, metadata::METRICS, metrics.to_string());
+    let mut quantized_proto = quantized_model.map(|(_, proto)| proto);
+    if let (Some(proto), Some(q)) = (&mut quantized_proto, &check.quantized) {
+        let metrics = serde_json::json!({
+            "val_accuracy": evaluation.accuracy,
+            "val_images": val_set.len(),
+            "train_images": train_set.len(),
+            "tract_accuracy": q.accuracy,
+            "float_tract_accuracy": q.float_accuracy,
+            "agreement_with_float": q.agreement,
+        });
+        set_proto_meta(proto, metadata::METRICS, metrics.to_string());
+    }
+    let float_model_bytes = float_proto.encoded_len() as u64;
+    let t_write = Instant::now();
+    let model_bytes = onnx::write_model(
+        quantized_proto.as_ref().unwrap_or(&float_proto),
+        &model_path,
+    )?;
+    let float_model_file = if quantized && args.keep_float {
+        onnx::write_model(&float_proto, &float_path)?;
+        Some(float_path.display().to_string())
+    } else {
+        None
+    };
+    let export_s = export_s + t_write.elapsed().as_secs_f64();
 
     // The most confident mistakes are the most instructive (and the likeliest label errors).
     let mut wrong: Vec<usize> = (0..val_set.len())
@@ -386,14 +469,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: model_path.display().to_string(),
             model_bytes,
             opset: onnx::OPSET,
-            verify_images: check.images,
-            candle_accuracy: check.candle_accuracy,
-            onnx_accuracy: check.onnx_accuracy,
-            quantization: args.quantize.name().into(),
-            float_model_bytes,
-            agreement: check.agreement,
-            max_probability_diff: check.max_probability_diff,
+            verify_images: check.float.images,
+            candle_accuracy: check.float.candle_accuracy,
+            onnx_accuracy: check
+                .quantized
+                .as_ref()
+                .map_or(check.float.tract_accuracy, |q| q.accuracy),
+            float_agreement: check.float.agreement,
+            float_max_probability_diff: check.float.max_probability_diff,
             tract_ms_per_image: check.ms_per_image,
+            quantization: quantization_info(
+                &args,
+                &check,
+                calibration.as_ref(),
+                float_model_file,
+                float_model_bytes,
+                model_bytes,
+                &exported_graph,
+                profile,
+                accuracy_drop_accepted,
+            ),
         }),
         timings: report::Timings {
             dataset_s: t_dataset,
@@ -420,12 +515,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ds.classes.len(),
             ds.classes.join(", ")
         );
+        let export = rep.export.as_ref().expect("exported");
+        let q = &export.quantization;
         println!(
-            "exported {} ({:.1} MB); tract agrees with training on {:.2}% of validation photos (tract accuracy {:.2}%)",
+            "exported {} ({}, {:.1} MB = {:.1}% of float): tract accuracy {:.2}% (float {:.2}%), \
+             same prediction as float on {:.2}%, p50 latency {:.1} ms ({:.2}x float)",
             model_path.display(),
+            q.form,
             model_bytes as f64 / 1e6,
-            check.agreement * 100.0,
-            check.onnx_accuracy * 100.0
+            q.size_ratio * 100.0,
+            q.accuracy * 100.0,
+            q.float_accuracy * 100.0,
+            q.agreement * 100.0,
+            q.latency.p50_ms,
+            q.latency_ratio
         );
         println!(
             "report: {} ({} skipped photo(s)); total {:.1} s",
@@ -457,6 +560,7 @@ fn model_metadata(
     digest: &str,
     created: &str,
     form: QuantizeForm,
+    calibration: Option<&calibrate::Calibration>,
 ) -> anyhow::Result<(Vec<(String, String)>, image::RgbImage)> {
     let size = backbone.input_size as u32;
     let input = metadata::InputSpec {
@@ -506,7 +610,10 @@ fn model_metadata(
             metadata::BACKBONE.into(),
             serde_json::to_string(&backbone_spec)?,
         ),
-        (metadata::QUANTIZATION.into(), quantization_json(form)?),
+        (
+            metadata::QUANTIZATION.into(),
+            quantization_json(form, calibration)?,
+        ),
         (metadata::METRICS.into(), metrics.to_string()),
         (metadata::DATASET_DIGEST.into(), digest.into()),
         (metadata::VERSION.into(), env!("CARGO_PKG_VERSION").into()),
@@ -516,10 +623,23 @@ fn model_metadata(
     Ok((meta, img))
 }
 
-fn quantization_json(form: QuantizeForm) -> anyhow::Result<String> {
+fn quantization_json(
+    form: QuantizeForm,
+    calibration: Option<&calibrate::Calibration>,
+) -> anyhow::Result<String> {
     Ok(serde_json::to_string(&metadata::QuantizationSpec {
         form: form.name().into(),
+        calibration: calibration.map(|c| metadata::CalibrationSpec {
+            method: c.method.name().into(),
+            images: c.images as u32,
+        }),
     })?)
+}
+
+fn set_proto_meta(proto: &mut tract_onnx::pb::ModelProto, key: &str, value: String) {
+    if let Some(entry) = proto.metadata_props.iter_mut().find(|e| e.key == key) {
+        entry.value = value;
+    }
 }
 
 fn set_meta(meta: &mut [(String, String)], key: &str, value: String) {
@@ -528,22 +648,21 @@ fn set_meta(meta: &mut [(String, String)], key: &str, value: String) {
     }
 }
 
-/// Writes one model file. A quantized model's golden output is what that file computes (run
-/// here with tract), so the device's self-test checks the file, not the float trainer.
-fn export_model(
+/// Builds a quantized model in memory and loads it with tract. Its golden output is what this
+/// graph computes (run here with tract), so the device's self-test checks the file, not the
+/// float trainer.
+fn quantized_model(
     backbone: &Backbone,
     head: &crate::head::HeadWeights,
     form: QuantizeForm,
+    calibration: Option<&calibrate::Calibration>,
     meta: Vec<(String, String)>,
     golden_img: &image::RgbImage,
     path: &Path,
-) -> anyhow::Result<u64> {
-    let mut proto = onnx::build_model(backbone, head, form, &meta)?;
-    let bytes = onnx::write_model(&proto, path)?;
-    if form == QuantizeForm::None {
-        return Ok(bytes);
-    }
-    let probabilities = ExportedModel::load(path)?.predict(golden_img)?;
+) -> anyhow::Result<(ExportedModel, tract_onnx::pb::ModelProto)> {
+    let mut proto = onnx::build_model(backbone, head, form, calibration, &meta)?;
+    let probabilities =
+        ExportedModel::from_bytes(&proto.encode_to_vec(), path)?.predict(golden_img)?;
     let entry = proto
         .metadata_props
         .iter_mut()
@@ -552,5 +671,103 @@ fn export_model(
     let mut golden: metadata::Golden = serde_json::from_str(&entry.value)?;
     golden.probabilities = probabilities;
     entry.value = serde_json::to_string(&golden)?;
-    Ok(onnx::write_model(&proto, path)?)
+    let model = ExportedModel::from_bytes(&proto.encode_to_vec(), path)?;
+    Ok((model, proto))
+}
+
+/// Mean of this many profiled runs gives the report's per-operator times.
+const PROFILE_RUNS: usize = 5;
+
+/// Runs the float backbone over `--calibration-images` readable training photos, spread
+/// evenly over the (class-sorted) training list so every class is represented.
+fn calibrate_int8(
+    args: &Args,
+    backbone: &Backbone,
+    head: &crate::head::HeadWeights,
+    train: &FeatureSet,
+) -> anyhow::Result<calibrate::Calibration> {
+    let n = args.calibration_images.min(train.len()).max(1);
+    let size = backbone.input_size as u32;
+    let picked: Vec<&Path> = (0..n)
+        .map(|i| train.paths[i * train.len() / n].as_path())
+        .collect();
+    use rayon::prelude::*;
+    let images: Vec<image::RgbImage> = picked
+        .par_iter()
+        .filter_map(|p| match dataset::load_input(p, size, size) {
+            Ok(img) => Some(img),
+            Err(e) => {
+                tracing::warn!("calibration skips {}: {e}", p.display());
+                None
+            }
+        })
+        .collect();
+    let passes = match args.calibration_method {
+        RangeMethod::MinMax => 1,
+        RangeMethod::Percentile => 2,
+    };
+    let bar = indicatif::ProgressBar::new((images.len() * passes) as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {pos}/{len} photo passes, {per_sec}, eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar.set_message("calibrate");
+    let cal = calibrate::calibrate(backbone, head, &images, args.calibration_method, &|| {
+        bar.inc(1)
+    })?;
+    bar.finish_and_clear();
+    tracing::info!(
+        "calibrated {} activation tensors on {} training photos ({})",
+        cal.ranges.len(),
+        cal.images,
+        cal.method.name()
+    );
+    Ok(cal)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn quantization_info(
+    args: &Args,
+    check: &verify::Verification,
+    calibration: Option<&calibrate::Calibration>,
+    float_model: Option<String>,
+    float_model_bytes: u64,
+    model_bytes: u64,
+    graph: &crate::model::GraphSummary,
+    profile: Vec<crate::model::NodeTime>,
+    accuracy_drop_accepted: bool,
+) -> report::QuantizationInfo {
+    let latency = check
+        .quantized_latency
+        .clone()
+        .unwrap_or_else(|| check.float_latency.clone());
+    let (accuracy, agreement, max_probability_diff) = match &check.quantized {
+        Some(q) => (q.accuracy, q.agreement, q.max_probability_diff),
+        None => (check.float.tract_accuracy, 1.0, 0.0),
+    };
+    report::QuantizationInfo {
+        form: args.quantize.name().into(),
+        calibration: calibration.map(|c| report::CalibrationInfo {
+            method: c.method.name().into(),
+            images: c.images,
+            tensors: c.ranges.len(),
+        }),
+        float_model,
+        float_model_bytes,
+        size_ratio: model_bytes as f64 / float_model_bytes as f64,
+        float_accuracy: check.float.tract_accuracy,
+        accuracy,
+        agreement,
+        max_probability_diff,
+        latency_ratio: latency.p50_ms / check.float_latency.p50_ms,
+        float_latency: check.float_latency.clone(),
+        latency,
+        int8_layers: graph.int8_layers,
+        int8_weight_layers: graph.int8_weight_layers,
+        float_weight_layers: graph.float_weight_layers,
+        profile: crate::model::time_by_op(&profile),
+        accuracy_drop_accepted,
+    }
 }

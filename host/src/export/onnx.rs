@@ -13,7 +13,8 @@ use tract_onnx::pb::{
     StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
-use super::quantize::{per_channel_int8, QuantizeForm};
+use super::calibrate::{Calibration, CalibrationError, HEAD_MATMUL};
+use super::quantize::{affine_u8, conv_int8, per_channel_int8, QuantizeForm};
 use crate::backbone::{Activation, Backbone, Conv};
 use crate::head::HeadWeights;
 
@@ -25,6 +26,10 @@ pub const OUTPUT_NAME: &str = "probabilities";
 pub enum OnnxError {
     #[error("cannot read a weight tensor for export: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[error("--quantize int8 needs calibration ranges")]
+    NoCalibration,
+    #[error(transparent)]
+    Calibration(#[from] CalibrationError),
     #[error("head expects {head} features but the backbone gives {backbone}")]
     HeadMismatch { head: usize, backbone: usize },
     #[error("cannot write {path}: {source}")]
@@ -113,12 +118,35 @@ impl GraphBuilder {
         name
     }
 
+    fn constant_u8(&mut self, prefix: &str, value: u8) -> String {
+        let name = self.fresh(prefix);
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            data_type: DataType::Uint8 as i32,
+            raw_data: vec![value],
+            ..Default::default()
+        });
+        name
+    }
+
+    fn constant_i32(&mut self, prefix: &str, values: &[i32]) -> String {
+        let name = self.fresh(prefix);
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            dims: vec![values.len() as i64],
+            data_type: DataType::Int32 as i32,
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name
+    }
+
     /// A weight tensor whose first dimension is the output channel, stored as the export's
     /// quantization form asks; the returned name always carries float values.
     fn weight(&mut self, prefix: &str, dims: &[usize], values: &[f32]) -> String {
         match self.form {
             QuantizeForm::None => self.constant_f32(prefix, dims, values),
-            QuantizeForm::Int8Weights => {
+            QuantizeForm::Int8Weights | QuantizeForm::Int8 => {
                 let (q, scales) = per_channel_int8(values, dims[0]);
                 let q = self.constant_i8(&format!("{prefix}_int8"), dims, &q);
                 let scale = self.constant_f32(&format!("{prefix}_scale"), &[dims[0]], &scales);
@@ -162,24 +190,7 @@ impl GraphBuilder {
         let b = conv.bias.to_vec1::<f32>()?;
         let w = self.weight(&format!("{prefix}_weight"), &dims, &w);
         let b = self.constant_f32(&format!("{prefix}_bias"), &[dims[0]], &b);
-        let p = conv.padding;
-        let s = conv.stride as i64;
-        let y = self.node(
-            "Conv",
-            &[x, &w, &b],
-            vec![
-                attr_ints("kernel_shape", &[dims[2] as i64, dims[3] as i64]),
-                attr_ints("strides", &[s, s]),
-                // ONNX order: all begins, then all ends.
-                attr_ints(
-                    "pads",
-                    &[p.top as i64, p.left as i64, p.bottom as i64, p.right as i64],
-                ),
-                attr_ints("dilations", &[1, 1]),
-                attr_int("group", conv.groups as i64),
-            ],
-            None,
-        );
+        let y = self.node("Conv", &[x, &w, &b], conv_attributes(conv), None);
         Ok(match conv.activation {
             Activation::Linear => y,
             Activation::Relu6 => {
@@ -191,29 +202,225 @@ impl GraphBuilder {
     }
 }
 
-/// The complete model: graph plus `metadata_props` (key, value) in the given order, with its
-/// weights stored as `form` says.
-pub fn build_model(
+fn conv_attributes(conv: &Conv) -> Vec<AttributeProto> {
+    let dims = conv.weight.dims();
+    let p = conv.padding;
+    let s = conv.stride as i64;
+    vec![
+        attr_ints("kernel_shape", &[dims[2] as i64, dims[3] as i64]),
+        attr_ints("strides", &[s, s]),
+        // ONNX order: all begins, then all ends.
+        attr_ints(
+            "pads",
+            &[p.top as i64, p.left as i64, p.bottom as i64, p.right as i64],
+        ),
+        attr_ints("dilations", &[1, 1]),
+        attr_int("group", conv.groups as i64),
+    ]
+}
+
+/// A u8 tensor of the int8 graph with its scale and zero point (as values and initializers).
+#[derive(Clone)]
+struct QTensor {
+    name: String,
+    scale: f32,
+    scale_name: String,
+    zero_name: String,
+}
+
+impl GraphBuilder {
+    fn affine(&mut self, prefix: &str, scale: f32, zero: u8) -> (String, String) {
+        (
+            self.constant_f32(&format!("{prefix}_scale"), &[], &[scale]),
+            self.constant_u8(&format!("{prefix}_zero_point"), zero),
+        )
+    }
+
+    fn quantize(&mut self, x: &str, range: (f32, f32), prefix: &str) -> QTensor {
+        let (scale, zero) = affine_u8(range.0, range.1);
+        let (scale_name, zero_name) = self.affine(prefix, scale, zero);
+        let name = self.node(
+            "QuantizeLinear",
+            &[x, &scale_name, &zero_name],
+            vec![],
+            None,
+        );
+        QTensor {
+            name,
+            scale,
+            scale_name,
+            zero_name,
+        }
+    }
+
+    fn dequantize(&mut self, x: &QTensor) -> String {
+        self.node(
+            "DequantizeLinear",
+            &[&x.name, &x.scale_name, &x.zero_name],
+            vec![],
+            None,
+        )
+    }
+
+    /// QLinearConv: u8 input, int8 per-channel weights, int32 bias, u8 output covering
+    /// `out_range`. The activation needs no node: ReLU6 outputs are calibrated within
+    /// `[0, 6]`, so the u8 output saturates exactly where the clip would.
+    fn qconv(
+        &mut self,
+        x: &QTensor,
+        conv: &Conv,
+        out_range: (f32, f32),
+        prefix: &str,
+    ) -> Result<QTensor, OnnxError> {
+        let dims = conv.weight.dims().to_vec();
+        let cout = dims[0];
+        let (q, w_scales, bias) = conv_int8(
+            &conv.weight.flatten_all()?.to_vec1::<f32>()?,
+            &conv.bias.to_vec1::<f32>()?,
+            x.scale,
+        );
+        let w = self.constant_i8(&format!("{prefix}_weight_int8"), &dims, &q);
+        let w_scale = self.constant_f32(&format!("{prefix}_weight_scale"), &[cout], &w_scales);
+        let w_zero = self.constant_i8(&format!("{prefix}_weight_zero"), &[cout], &vec![0; cout]);
+        let b = self.constant_i32(&format!("{prefix}_bias_int32"), &bias);
+        let range = match conv.activation {
+            Activation::Relu6 => (0.0, out_range.1.min(6.0)),
+            Activation::Linear => out_range,
+        };
+        let (scale, zero) = affine_u8(range.0, range.1);
+        let (scale_name, zero_name) = self.affine(prefix, scale, zero);
+        let name = self.node(
+            "QLinearConv",
+            &[
+                &x.name,
+                &x.scale_name,
+                &x.zero_name,
+                &w,
+                &w_scale,
+                &w_zero,
+                &scale_name,
+                &zero_name,
+                &b,
+            ],
+            conv_attributes(conv),
+            None,
+        );
+        Ok(QTensor {
+            name,
+            scale,
+            scale_name,
+            zero_name,
+        })
+    }
+}
+
+/// Static int8 graph from the float input `x` (NCHW, normalised) or, when the normalisation
+/// maps bytes onto an exact u8 affine form, from the image bytes themselves.
+fn int8_body(
+    g: &mut GraphBuilder,
     backbone: &Backbone,
     head: &HeadWeights,
-    form: QuantizeForm,
-    metadata: &[(String, String)],
-) -> Result<ModelProto, OnnxError> {
-    if head.features != backbone.feature_dim() {
-        return Err(OnnxError::HeadMismatch {
-            head: head.features,
-            backbone: backbone.feature_dim(),
-        });
-    }
-    let size = backbone.input_size as i64;
-    let mut g = GraphBuilder {
-        nodes: Vec::new(),
-        initializers: Vec::new(),
-        counter: 0,
-        form,
+    cal: &Calibration,
+) -> Result<String, OnnxError> {
+    let n = backbone.normalization;
+    // x = (p - mean) / std is the u8 affine form scale 1/std, zero point mean when mean is a
+    // whole byte value: the camera's bytes are then the quantized input, no arithmetic needed.
+    let mut x = if n.mean.fract() == 0.0 && (0.0..=255.0).contains(&n.mean) && n.std > 0.0 {
+        let (scale_name, zero_name) = g.affine("input", 1.0 / n.std, n.mean as u8);
+        let name = g.node(
+            "Transpose",
+            &[INPUT_NAME],
+            vec![attr_ints("perm", &[0, 3, 1, 2])],
+            None,
+        );
+        QTensor {
+            name,
+            scale: 1.0 / n.std,
+            scale_name,
+            zero_name,
+        }
+    } else {
+        let f = float_input(g, backbone);
+        let range = ((0.0 - n.mean) / n.std, (255.0 - n.mean) / n.std);
+        g.quantize(&f, range, "input")
     };
 
-    // Preprocessing inside the graph: u8 NHWC -> f32, (x - mean) / std, -> NCHW.
+    x = g.qconv(&x, &backbone.stem, cal.range("stem")?, "stem")?;
+    for (i, block) in backbone.blocks.iter().enumerate() {
+        let input = x.clone();
+        if let Some(e) = &block.expand {
+            let p = format!("block{i}_expand");
+            x = g.qconv(&x, e, cal.range(&p)?, &p)?;
+        }
+        let p = format!("block{i}_depthwise");
+        x = g.qconv(&x, &block.depthwise, cal.range(&p)?, &p)?;
+        let p = format!("block{i}_project");
+        x = g.qconv(&x, &block.project, cal.range(&p)?, &p)?;
+        if block.residual {
+            // No standard quantized Add: dequantize both sides, add in float, requantize.
+            let a = g.dequantize(&x);
+            let b = g.dequantize(&input);
+            let sum = g.node("Add", &[&a, &b], vec![], None);
+            let p = format!("block{i}_add");
+            x = g.quantize(&sum, cal.range(&p)?, &p);
+        }
+    }
+    x = g.qconv(&x, &backbone.head, cal.range("head_conv")?, "head_conv")?;
+    // No standard quantized pooling either.
+    let f = g.dequantize(&x);
+    let f = g.node("GlobalAveragePool", &[&f], vec![], None);
+    let f = g.node("Flatten", &[&f], vec![attr_int("axis", 1)], None);
+    let f = g.quantize(&f, cal.range("features")?, "features");
+
+    // Classifier: QLinearMatMul with per-column (per-class) weight scales, bias added in float.
+    let (q, w_scales) = per_channel_int8(&head.weight, head.classes);
+    let mut qt = vec![0i8; q.len()];
+    for c in 0..head.classes {
+        for k in 0..head.features {
+            qt[k * head.classes + c] = q[c * head.features + k];
+        }
+    }
+    let w = g.constant_i8(
+        "classifier_weight_int8",
+        &[head.features, head.classes],
+        &qt,
+    );
+    let w_scale = g.constant_f32("classifier_weight_scale", &[head.classes], &w_scales);
+    let w_zero = g.constant_i8(
+        "classifier_weight_zero",
+        &[head.classes],
+        &vec![0; head.classes],
+    );
+    let (lo, hi) = cal.range(HEAD_MATMUL)?;
+    let (scale, zero) = affine_u8(lo, hi);
+    let (y_scale, y_zero) = g.affine("classifier", scale, zero);
+    let logits = g.node(
+        "QLinearMatMul",
+        &[
+            &f.name,
+            &f.scale_name,
+            &f.zero_name,
+            &w,
+            &w_scale,
+            &w_zero,
+            &y_scale,
+            &y_zero,
+        ],
+        vec![],
+        None,
+    );
+    let logits = g.dequantize(&QTensor {
+        name: logits,
+        scale,
+        scale_name: y_scale,
+        zero_name: y_zero,
+    });
+    let b = g.constant_f32("classifier_bias", &[head.classes], &head.bias);
+    Ok(g.node("Add", &[&logits, &b], vec![], None))
+}
+
+/// u8 NHWC image to normalised float NCHW: Cast, Sub, Div, Transpose.
+fn float_input(g: &mut GraphBuilder, backbone: &Backbone) -> String {
     let x = g.node(
         "Cast",
         &[INPUT_NAME],
@@ -224,13 +431,21 @@ pub fn build_model(
     let x = g.node("Sub", &[&x, &mean], vec![], None);
     let std = g.constant_f32("std", &[], &[backbone.normalization.std]);
     let x = g.node("Div", &[&x, &std], vec![], None);
-    let mut x = g.node(
+    g.node(
         "Transpose",
         &[&x],
         vec![attr_ints("perm", &[0, 3, 1, 2])],
         None,
-    );
+    )
+}
 
+/// The float (or int8-weight) graph body, from the image to the logits.
+fn float_body(
+    g: &mut GraphBuilder,
+    backbone: &Backbone,
+    head: &HeadWeights,
+) -> Result<String, OnnxError> {
+    let mut x = float_input(g, backbone);
     x = g.conv(&x, &backbone.stem, "stem")?;
     for (i, block) in backbone.blocks.iter().enumerate() {
         let input = x.clone();
@@ -252,10 +467,45 @@ pub fn build_model(
         &head.weight,
     );
     let b = g.constant_f32("classifier_bias", &[head.classes], &head.bias);
-    x = g.node("Gemm", &[&x, &w, &b], vec![attr_int("transB", 1)], None);
+    Ok(g.node("Gemm", &[&x, &w, &b], vec![attr_int("transB", 1)], None))
+}
+
+/// The complete model: graph plus `metadata_props` (key, value) in the given order, with its
+/// weights stored as `form` says. `--quantize int8` needs the activation ranges of
+/// `calibration`.
+pub fn build_model(
+    backbone: &Backbone,
+    head: &HeadWeights,
+    form: QuantizeForm,
+    calibration: Option<&Calibration>,
+    metadata: &[(String, String)],
+) -> Result<ModelProto, OnnxError> {
+    if head.features != backbone.feature_dim() {
+        return Err(OnnxError::HeadMismatch {
+            head: head.features,
+            backbone: backbone.feature_dim(),
+        });
+    }
+    let size = backbone.input_size as i64;
+    let mut g = GraphBuilder {
+        nodes: Vec::new(),
+        initializers: Vec::new(),
+        counter: 0,
+        form,
+    };
+
+    let logits = match form {
+        QuantizeForm::Int8 => int8_body(
+            &mut g,
+            backbone,
+            head,
+            calibration.ok_or(OnnxError::NoCalibration)?,
+        )?,
+        QuantizeForm::None | QuantizeForm::Int8Weights => float_body(&mut g, backbone, head)?,
+    };
     g.node(
         "Softmax",
-        &[&x],
+        &[&logits],
         vec![attr_int("axis", 1)],
         Some(OUTPUT_NAME),
     );
