@@ -61,6 +61,10 @@ pub struct GraphSummary {
     pub int8_weight_layers: usize,
     /// Float convolutions and matrix products with float weights.
     pub float_weight_layers: usize,
+    /// ONNX node name to what it computes (`depthwise conv 3x3`, `1x1 conv`, `Add`, ...), to
+    /// attribute tract's per-node times to layer kinds.
+    #[serde(skip)]
+    pub kinds: BTreeMap<String, String>,
 }
 
 impl GraphSummary {
@@ -72,7 +76,23 @@ impl GraphSummary {
             .flat_map(|n| n.output.iter().map(String::as_str))
             .collect();
         let mut s = Self::default();
+        let mut producer_kind: BTreeMap<&str, String> = BTreeMap::new();
         for n in &graph.node {
+            let kind = match n.op_type.as_str() {
+                "Conv" | "QLinearConv" => conv_kind(n),
+                // tract fuses a conv's clip into it and names the result after the clip.
+                "Clip" => n
+                    .input
+                    .first()
+                    .and_then(|i| producer_kind.get(i.as_str()).cloned())
+                    .unwrap_or_else(|| n.op_type.clone()),
+                "Gemm" | "MatMul" | "QLinearMatMul" => "classifier".into(),
+                _ => n.op_type.clone(),
+            };
+            for o in &n.output {
+                producer_kind.insert(o, kind.clone());
+            }
+            s.kinds.insert(n.name.clone(), kind);
             *s.ops.entry(n.op_type.clone()).or_default() += 1;
             match n.op_type.as_str() {
                 "QLinearConv" | "QLinearMatMul" => s.int8_layers += 1,
@@ -85,6 +105,40 @@ impl GraphSummary {
         }
         s
     }
+}
+
+fn conv_kind(n: &tract_onnx::pb::NodeProto) -> String {
+    let attr = |name: &str| n.attribute.iter().find(|a| a.name == name);
+    let group = attr("group").map_or(1, |a| a.i);
+    let k: Vec<String> = attr("kernel_shape")
+        .map(|a| a.ints.iter().map(|i| i.to_string()).collect())
+        .unwrap_or_default();
+    let k = k.join("x");
+    match (group > 1, k.as_str()) {
+        (true, _) => format!("depthwise conv {k}"),
+        (false, "1x1") => "1x1 conv".into(),
+        _ => format!("conv {k}"),
+    }
+}
+
+/// Mean time per layer kind (see [`GraphSummary::kinds`]), largest first: tract's node names
+/// start with the ONNX node they came from.
+pub fn time_by_layer_kind(profile: &[NodeTime], graph: &GraphSummary) -> Vec<OpTime> {
+    let kinds: Vec<NodeTime> = profile
+        .iter()
+        .map(|n| {
+            let source = n.name.split('.').next().unwrap_or(&n.name);
+            NodeTime {
+                op: graph
+                    .kinds
+                    .get(source)
+                    .cloned()
+                    .unwrap_or_else(|| "other".into()),
+                ..n.clone()
+            }
+        })
+        .collect();
+    time_by_op(&kinds)
 }
 
 impl std::fmt::Debug for ExportedModel {
@@ -313,7 +367,7 @@ pub fn time_by_op(profile: &[NodeTime]) -> Vec<OpTime> {
     v
 }
 
-/// Time spent in one operator type of the optimised plan.
+/// Time spent in one operator type of the optimised plan (or one layer kind).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OpTime {
     pub op: String,

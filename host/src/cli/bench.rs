@@ -44,6 +44,9 @@ struct ModelBench {
     ratio: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     profile: Option<Vec<OpTime>>,
+    /// The profile by layer kind (depthwise conv, 1x1 conv, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layers: Option<Vec<OpTime>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     slowest_nodes: Option<Vec<model::NodeTime>>,
 }
@@ -79,14 +82,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let base = latencies[0].p50_ms;
     let mut out = Vec::new();
     for ((m, load_ms), latency) in loaded.iter().zip(latencies) {
-        let (profile, slowest) = if args.profile {
+        let (profile, layers, slowest) = if args.profile {
             let nodes = m.profile(&first, args.profile_runs)?;
             let mut slowest = nodes.clone();
             slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
             slowest.truncate(10);
-            (Some(model::time_by_op(&nodes)), Some(slowest))
+            (
+                Some(model::time_by_op(&nodes)),
+                Some(model::time_by_layer_kind(&nodes, &m.graph)),
+                Some(slowest),
+            )
         } else {
-            (None, None)
+            (None, None, None)
         };
         let quantization = m
             .metadata
@@ -101,6 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ratio: latency.p50_ms / base,
             latency,
             profile,
+            layers,
             slowest_nodes: slowest,
         });
     }
@@ -128,11 +136,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             b.latency.mean_ms,
             b.ratio
         );
-        if let Some(profile) = &b.profile {
+        if let Some(layers) = &b.layers {
             println!(
-                "  where the time goes (mean of {} runs):",
+                "  where the time goes by layer kind (mean of {} runs):",
                 args.profile_runs
             );
+            for t in layers {
+                println!(
+                    "    {:<32} {:>4} nodes {:>9.2} ms {:>6.1}%",
+                    t.op,
+                    t.nodes,
+                    t.ms,
+                    t.share * 100.0
+                );
+            }
+        }
+        if let Some(profile) = &b.profile {
+            println!("  by operator of tract's optimised plan:");
             for t in profile.iter().take(12) {
                 println!(
                     "    {:<32} {:>4} nodes {:>9.2} ms {:>6.1}%",

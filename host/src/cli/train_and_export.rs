@@ -743,9 +743,15 @@ fn quantization_info(
         .quantized_latency
         .clone()
         .unwrap_or_else(|| check.float_latency.clone());
-    let (accuracy, agreement, max_probability_diff) = match &check.quantized {
-        Some(q) => (q.accuracy, q.agreement, q.max_probability_diff),
-        None => (check.float.tract_accuracy, 1.0, 0.0),
+    let (accuracy, agreement, max_probability_diff, mean_probability_diff) = match &check.quantized
+    {
+        Some(q) => (
+            q.accuracy,
+            q.agreement,
+            q.max_probability_diff,
+            q.mean_probability_diff,
+        ),
+        None => (check.float.tract_accuracy, 1.0, 0.0, 0.0),
     };
     report::QuantizationInfo {
         form: args.quantize.name().into(),
@@ -761,12 +767,14 @@ fn quantization_info(
         accuracy,
         agreement,
         max_probability_diff,
+        mean_probability_diff,
         latency_ratio: latency.p50_ms / check.float_latency.p50_ms,
         float_latency: check.float_latency.clone(),
         latency,
         int8_layers: graph.int8_layers,
         int8_weight_layers: graph.int8_weight_layers,
         float_weight_layers: graph.float_weight_layers,
+        profile_by_layer: crate::model::time_by_layer_kind(&profile, graph),
         profile: crate::model::time_by_op(&profile),
         accuracy_drop_accepted,
     }

@@ -64,6 +64,8 @@ pub struct QuantizedCheck {
     /// Fraction of photos where both models pick the same class.
     pub agreement: f64,
     pub max_probability_diff: f32,
+    /// Mean over photos of the largest class-probability difference.
+    pub mean_probability_diff: f32,
 }
 
 /// What verification measured.
@@ -159,12 +161,24 @@ pub fn verify(
     let quantized_check = quantized.map(|_| {
         let q: Vec<Vec<f32>> = probs.iter().filter_map(|(_, q)| q.clone()).collect();
         let (agree, float_right, q_right, max_diff) = compare(&float_probs, &q, &val.labels);
+        let mean_diff = float_probs
+            .iter()
+            .zip(&q)
+            .map(|(a, b)| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            })
+            .sum::<f32>()
+            / n.max(1) as f32;
         QuantizedCheck {
             images: n,
             float_accuracy: frac(float_right, n),
             accuracy: frac(q_right, n),
             agreement: if n == 0 { 1.0 } else { frac(agree, n) },
             max_probability_diff: max_diff,
+            mean_probability_diff: mean_diff,
         }
     });
 

@@ -217,6 +217,8 @@ pub struct QuantizationInfo {
     /// Share of photos on which both models predict the same class.
     pub agreement: f64,
     pub max_probability_diff: f32,
+    /// Mean over photos of the largest class-probability difference.
+    pub mean_probability_diff: f32,
     pub float_latency: crate::model::Latency,
     pub latency: crate::model::Latency,
     /// p50 latency of the exported model over that of the float model.
@@ -230,6 +232,8 @@ pub struct QuantizationInfo {
     /// Where the exported model's time goes in tract (one thread), by operator of the
     /// optimised plan, largest first.
     pub profile: Vec<crate::model::OpTime>,
+    /// The same time by layer kind (depthwise conv, 1x1 conv, ...), largest first.
+    pub profile_by_layer: Vec<crate::model::OpTime>,
     /// The model lost more than a point against float and was kept by
     /// `--allow-accuracy-drop`.
     pub accuracy_drop_accepted: bool,
@@ -610,9 +614,10 @@ fn quantization_section(out: &mut String, export: &ExportInfo) -> std::fmt::Resu
     )?;
     writeln!(
         out,
-        "Same top-1 prediction as the float model on {} of the photos; largest probability \
-         difference {:.2e}.",
+        "Same top-1 prediction as the float model on {} of the photos; probability \
+         difference {:.2e} on average, {:.2e} at most.",
         pct(q.agreement),
+        q.mean_probability_diff,
         q.max_probability_diff
     )?;
     if let Some(c) = &q.calibration {
@@ -640,8 +645,24 @@ fn quantization_section(out: &mut String, export: &ExportInfo) -> std::fmt::Resu
     }
     writeln!(
         out,
-        "\nWhere the exported model's time goes (tract, 1 thread, optimised plan):\n"
+        "\nWhere the exported model's time goes (tract, 1 thread), by layer kind and by \
+         operator of the optimised plan:\n"
     )?;
+    writeln!(
+        out,
+        "| layer kind | plan nodes | ms | share |\n|---|---|---|---|"
+    )?;
+    for t in &q.profile_by_layer {
+        writeln!(
+            out,
+            "| {} | {} | {:.2} | {} |",
+            cell(&t.op),
+            t.nodes,
+            t.ms,
+            pct(t.share)
+        )?;
+    }
+    writeln!(out)?;
     writeln!(out, "| operator | nodes | ms | share |\n|---|---|---|---|")?;
     for t in q.profile.iter().take(12) {
         writeln!(
@@ -1112,6 +1133,7 @@ dog            0    1
                     accuracy: 0.85,
                     agreement: 0.975,
                     max_probability_diff: 0.02,
+                    mean_probability_diff: 0.004,
                     float_latency: crate::model::Latency {
                         runs: 50,
                         p50_ms: 25.0,
@@ -1133,6 +1155,12 @@ dog            0    1
                         nodes: 50,
                         ms: 84.2,
                         share: 0.42,
+                    }],
+                    profile_by_layer: vec![crate::model::OpTime {
+                        op: "depthwise conv 3x3".into(),
+                        nodes: 48,
+                        ms: 101.0,
+                        share: 0.5,
                     }],
                     accuracy_drop_accepted: false,
                 },
@@ -1257,6 +1285,7 @@ dog            0    1
             "Same top-1 prediction as the float model on 97.50% of the photos",
             "Activation ranges of 71 tensors calibrated on 200 training photos (percentile).",
             "| OptMatMul | 50 | 84.20 | 42.00% |",
+            "| depthwise conv 3x3 | 48 | 101.00 | 50.00% |",
         ] {
             assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
         }
