@@ -1,4 +1,4 @@
-//! tract latency of the exported model, float vs int8 weights, measured in the same run.
+//! tract latency of the exported model, float vs int8 weights vs int8, measured in the same run.
 //!
 //! Both files are built here from the ImageNet backbone and a fixed two-class head, so no
 //! training is needed. Needs `../shared/backbones/efficientnet-lite0-57934424.pth`.
@@ -7,6 +7,7 @@
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use petcam_host::backbone::Backbone;
+use petcam_host::export::calibrate::{self, RangeMethod};
 use petcam_host::export::onnx;
 use petcam_host::export::quantize::QuantizeForm;
 use petcam_host::head::HeadWeights;
@@ -53,9 +54,22 @@ fn exported_model(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("tract_exported_model_1_thread");
     group.sample_size(60);
-    for form in [QuantizeForm::None, QuantizeForm::Int8Weights] {
+    // Ranges from the one bench image: enough to time the int8 graph, not to judge accuracy.
+    let cal = calibrate::calibrate(
+        &net,
+        &head,
+        std::slice::from_ref(&img),
+        RangeMethod::MinMax,
+        &|| {},
+    )
+    .unwrap();
+    for form in [
+        QuantizeForm::None,
+        QuantizeForm::Int8Weights,
+        QuantizeForm::Int8,
+    ] {
         let path = dir.path().join(format!("{}.onnx", form.name()));
-        let proto = onnx::build_model(&net, &head, form, None, &meta).unwrap();
+        let proto = onnx::build_model(&net, &head, form, Some(&cal), &meta).unwrap();
         let bytes = onnx::write_model(&proto, &path).unwrap();
         eprintln!("{}: {bytes} bytes", form.name());
         let model = ExportedModel::load(&path).unwrap();

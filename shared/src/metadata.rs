@@ -84,3 +84,35 @@ pub struct Golden {
     /// Largest acceptable absolute difference per probability.
     pub tolerance: f32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantization_spec_reads_models_without_calibration() {
+        let old: QuantizationSpec = serde_json::from_str(r#"{"form":"int8-weights"}"#).unwrap();
+        assert_eq!(old.form, "int8-weights");
+        assert_eq!(old.calibration, None);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"form":"int8-weights"}"#
+        );
+        let int8 = QuantizationSpec {
+            form: "int8".into(),
+            calibration: Some(CalibrationSpec {
+                method: "percentile".into(),
+                images: 200,
+            }),
+        };
+        let json = serde_json::to_string(&int8).unwrap();
+        assert_eq!(
+            json,
+            r#"{"form":"int8","calibration":{"method":"percentile","images":200}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<QuantizationSpec>(&json).unwrap(),
+            int8
+        );
+    }
+}
