@@ -1,5 +1,9 @@
 //! tract latency of the exported model, float vs int8 weights vs int8, measured in the same run.
 //!
+//! Criterion times the models one after the other; on a shared machine that order alone moved
+//! the float : int8-weights ratio between 1.00 and 1.12. For the ratio, `petcam bench`, which
+//! interleaves the models run by run, is the measurement to trust.
+//!
 //! Both files are built here from the ImageNet backbone and a fixed two-class head, so no
 //! training is needed. Needs `../shared/backbones/efficientnet-lite0-57934424.pth`.
 //! Run: `cargo bench -p petcam-host --bench exported_model`.
