@@ -530,6 +530,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             q.latency.p50_ms,
             q.latency_ratio
         );
+        if q.accuracy_drop_accepted {
+            println!(
+                "WARNING: {} loses {:.2} points of accuracy to quantization and was kept only \
+                 because of --allow-accuracy-drop",
+                model_path.display(),
+                (q.float_accuracy - q.accuracy) * 100.0
+            );
+        }
         println!(
             "report: {} ({} skipped photo(s)); total {:.1} s",
             args.out.join("report.md").display(),
