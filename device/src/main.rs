@@ -1,19 +1,287 @@
 //! `petcam-device`: the program that runs petcam models on the camera computer.
 //!
-//! This binary currently only identifies itself; it is where on-device classification, the
-//! camera pipeline, GPIO actuation and serial telemetry are built.
+//! Exit codes: 0 success; 1 the model (or another required file) is missing or unusable;
+//! 2 bad command line; 3 some images could not be read (the others were classified).
 
-use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
 
-/// petcam on the camera computer (Raspberry Pi).
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use petcam_device::infer::{self, top1, ExportedModel, Latency};
+use petcam_device::preprocess;
+
+/// petcam on the camera computer (Raspberry Pi): classify photos with an exported model and
+/// measure how fast it runs here.
+///
+/// The model (`model.onnx` from `petcam train-and-export`) says everything the device needs:
+/// labels, input size and normalisation.
 #[derive(Debug, Parser)]
-#[command(name = "petcam-device", version)]
-struct Cli {}
+#[command(name = "petcam-device", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    Classify(ClassifyArgs),
+    Bench(BenchArgs),
+}
+
+/// Classify image files, or every image under folders, one line per image.
+///
+/// An image that cannot be read is reported on its own line and the run goes on; the exit
+/// code is then 3.
+#[derive(Debug, clap::Args)]
+struct ClassifyArgs {
+    /// The exported model.
+    #[arg(long, value_name = "FILE")]
+    model: PathBuf,
+    /// Image files or folders (searched recursively, in name order).
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Threads for tract's matrix products [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// JSON lines: path, label, confidence, probabilities, latency_ms (or path and error).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Measure load time, inference latency, the preprocessing of a 640x480 camera frame and peak
+/// memory.
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// The exported model.
+    #[arg(long, value_name = "FILE")]
+    model: PathBuf,
+    /// Threads for tract's matrix products [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed inferences (after one warm-up).
+    #[arg(long, default_value_t = 50)]
+    iterations: usize,
+    /// Also time every node of tract's plan and print where the time goes.
+    #[arg(long)]
+    profile: bool,
+    /// One JSON object: load_ms, infer_p50_ms, infer_p90_ms, infer_p99_ms,
+    /// preprocess_p50_ms, peak_rss_mb (and the profile with --profile).
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Classify(a) => classify(a),
+        Command::Bench(a) => bench(a).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn threads(requested: Option<usize>) -> usize {
+    requested
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+fn load(path: &Path, threads: usize) -> anyhow::Result<ExportedModel> {
+    if !path.exists() {
+        anyhow::bail!(
+            "model file {} does not exist; copy model.onnx from `petcam train-and-export`",
+            path.display()
+        );
+    }
+    Ok(ExportedModel::load_with_threads(path, threads)?)
+}
+
+/// Image files under `path` (or `path` itself), in name order.
+fn images(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if !path.is_dir() {
+        out.push(path.to_owned());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            images(&p, out)?;
+        } else if !p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    let model = load(&args.model, threads(args.threads))?;
+    let mut files = Vec::new();
+    for p in &args.paths {
+        images(p, &mut files).with_context(|| format!("cannot list {}", p.display()))?;
+    }
+    let mut failed = 0;
+    for path in &files {
+        let start = Instant::now();
+        let result = preprocess::load_input(path, model.input.width, model.input.height)
+            .map_err(|e| e.to_string())
+            .and_then(|img| model.predict(&img).map_err(|e| e.to_string()));
+        let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(probs) => {
+                let (i, confidence) = top1(&probs);
+                let label = &model.labels[i];
+                if args.json {
+                    let probabilities: serde_json::Map<String, serde_json::Value> = model
+                        .labels
+                        .iter()
+                        .zip(&probs)
+                        .map(|(l, p)| (l.clone(), serde_json::json!(p)))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "path": path.display().to_string(),
+                            "label": label,
+                            "confidence": confidence,
+                            "probabilities": probabilities,
+                            "latency_ms": latency_ms,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{}\t{label}\t{confidence:.4}\t{latency_ms:.1} ms",
+                        path.display()
+                    );
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"path": path.display().to_string(), "error": e})
+                    );
+                } else {
+                    eprintln!("{}: cannot classify: {e}", path.display());
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!(
+            "{failed} of {} image(s) could not be read; the others were classified",
+            files.len()
+        );
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A synthetic 640x480 camera frame (a gradient with texture), so the benchmark needs no file.
+fn camera_frame() -> image::RgbImage {
+    image::RgbImage::from_fn(640, 480, |x, y| {
+        image::Rgb([
+            (x * 255 / 640) as u8,
+            (y * 255 / 480) as u8,
+            ((x ^ y) & 0xff) as u8,
+        ])
+    })
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let threads = threads(args.threads);
+    let start = Instant::now();
+    let model = load(&args.model, threads)?;
+    let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+
+    let frame = camera_frame();
+    let (w, h) = (model.input.width, model.input.height);
+    let preprocess_ms: Vec<f64> = (0..args.iterations.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(preprocess::resize(&frame, w, h));
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    let preprocess = Latency::from_samples(preprocess_ms);
+    let input = preprocess::resize(&frame, w, h);
+    let infer = infer::latency(&[&model], &input, args.iterations)?.remove(0);
+    let profile = if args.profile {
+        Some(model.profile(&input, args.iterations.clamp(1, 10))?)
+    } else {
+        None
+    };
+    let peak_rss_mb = petcam_device::peak_rss_mb();
+
+    if args.json {
+        let mut out = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "threads": threads,
+            "iterations": infer.runs,
+            "load_ms": load_ms,
+            "infer_p50_ms": infer.p50_ms,
+            "infer_p90_ms": infer.p90_ms,
+            "infer_p99_ms": infer.p99_ms,
+            "infer_mean_ms": infer.mean_ms,
+            "preprocess_p50_ms": preprocess.p50_ms,
+            "peak_rss_mb": peak_rss_mb,
+        });
+        if let Some(p) = &profile {
+            out["profile_by_layer"] =
+                serde_json::to_value(infer::time_by_layer_kind(p, &model.graph))?;
+            out["profile_by_op"] = serde_json::to_value(infer::time_by_op(p))?;
+            out["profile_nodes"] = serde_json::to_value(p)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     println!(
-        "petcam-device {}: no subcommands yet; see `petcam-device --help`",
-        env!("CARGO_PKG_VERSION")
+        "{}: {} thread(s), {} iterations",
+        args.model.display(),
+        threads,
+        infer.runs
     );
+    println!("load + optimise  {load_ms:.0} ms");
+    println!(
+        "inference        p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  mean {:.2} ms",
+        infer.p50_ms, infer.p90_ms, infer.p99_ms, infer.mean_ms
+    );
+    println!(
+        "preprocess       p50 {:.2} ms (640x480 RGB frame to {w}x{h})",
+        preprocess.p50_ms
+    );
+    if let Some(mb) = peak_rss_mb {
+        println!("peak memory      {mb:.0} MB");
+    }
+    if let Some(p) = &profile {
+        println!("\nby layer kind:");
+        for t in infer::time_by_layer_kind(p, &model.graph) {
+            println!(
+                "  {:<28} {:>4} nodes {:>9.2} ms {:>6.1}%",
+                t.op,
+                t.nodes,
+                t.ms,
+                t.share * 100.0
+            );
+        }
+        println!("\nper node (tract's optimised plan, in order):");
+        for n in p {
+            println!("  {:>4} {:<48} {:<28} {:>8.3} ms", n.id, n.name, n.op, n.ms);
+        }
+    }
+    Ok(())
 }

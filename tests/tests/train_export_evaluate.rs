@@ -110,6 +110,74 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     assert_eq!(eval["confusion"].as_array().unwrap().len(), 2);
     assert!(eval["per_class"]["cat"]["recall"].is_number());
 
+    // The device runs the same file: `petcam-device classify` over the same folder gives the
+    // same accuracy, and an unreadable image is reported on its own line without stopping it.
+    let broken = tmp.path().join("broken.jpg");
+    std::fs::write(&broken, b"not a photo").unwrap();
+    let mut cmd = Command::new(binary("petcam-device"));
+    cmd.arg("classify")
+        .arg("--model")
+        .arg(out.join("model.onnx"))
+        .arg(photos.join("val"))
+        .arg(&broken)
+        .arg("--json");
+    let classified = run(&mut cmd);
+    assert_eq!(
+        classified.status.code(),
+        Some(3),
+        "exit code for an unreadable image"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(classified.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 31);
+    let errors: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("error").is_some()).collect();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0]["path"].as_str().unwrap().ends_with("broken.jpg"));
+    let right = lines
+        .iter()
+        .filter(|l| l.get("label").is_some())
+        .filter(|l| {
+            let path = std::path::Path::new(l["path"].as_str().unwrap());
+            let folder = path
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert!(l["probabilities"][folder].is_number());
+            assert!(l["latency_ms"].as_f64().unwrap() > 0.0);
+            l["label"] == folder
+        })
+        .count();
+    let eval_right = (eval["accuracy"].as_f64().unwrap() * 30.0).round() as usize;
+    assert_eq!(right, eval_right, "classify and evaluate disagree");
+
+    let mut cmd = Command::new(binary("petcam-device"));
+    cmd.arg("bench")
+        .arg("--model")
+        .arg(out.join("model.onnx"))
+        .args(["--iterations", "5", "--threads", "1", "--json"]);
+    let bench = run(&mut cmd);
+    assert!(bench.status.success());
+    let bench: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    for key in [
+        "load_ms",
+        "infer_p50_ms",
+        "infer_p90_ms",
+        "infer_p99_ms",
+        "preprocess_p50_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(bench[key].as_f64().unwrap() > 0.0, "{key}: {bench}");
+    }
+    let p = |k: &str| bench[k].as_f64().unwrap();
+    assert!(p("infer_p50_ms") <= p("infer_p90_ms") && p("infer_p90_ms") <= p("infer_p99_ms"));
+
     // inspect: what the model is, and its stored golden pair run through tract.
     let mut cmd = Command::new(binary("petcam"));
     cmd.arg("inspect").arg(out.join("model.onnx")).arg("--json");
@@ -278,4 +346,30 @@ fn missing_weights_and_missing_cuda_are_clear_errors() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn the_device_refuses_a_missing_or_corrupt_model_with_exit_code_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photo = tmp.path().join("a.jpg");
+    std::fs::write(&photo, b"x").unwrap();
+    let corrupt = tmp.path().join("model.onnx");
+    std::fs::write(&corrupt, b"\x08\x07\x12\x06petcam\x3a\xff\xff").unwrap();
+    for (model, says) in [
+        (tmp.path().join("absent.onnx"), "does not exist"),
+        (corrupt, "not a loadable ONNX model"),
+    ] {
+        for sub in ["classify", "bench"] {
+            let mut cmd = Command::new(binary("petcam-device"));
+            cmd.arg(sub).arg("--model").arg(&model);
+            if sub == "classify" {
+                cmd.arg(&photo);
+            }
+            let out = run(&mut cmd);
+            assert_eq!(out.status.code(), Some(1), "{sub} {}", model.display());
+            let err = String::from_utf8_lossy(&out.stderr);
+            let name = model.file_name().unwrap().to_str().unwrap();
+            assert!(err.contains(name) && err.contains(says), "{err}");
+        }
+    }
 }

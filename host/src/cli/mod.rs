@@ -54,10 +54,4 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
-/// Peak resident memory of this process so far (Linux `VmHWM`), in MB.
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+pub use petcam_device::peak_rss_mb;
