@@ -1,10 +1,14 @@
 //! petcam on the camera computer: running the exported model with tract.
 //!
-//! The library holds what the host shares with the device: the model runtime ([`infer`]) and
-//! the photo decoding and resize ([`preprocess`]).
+//! Frames come from a [`source`], are decoded and resized by [`preprocess`], classified by
+//! [`infer`], turned into decisions by [`decide`] and into pin levels by [`actuate`]. The host
+//! uses [`infer`] and [`preprocess`] too, so it scores a model exactly as the device runs it.
 
+pub mod actuate;
+pub mod decide;
 pub mod infer;
 pub mod preprocess;
+pub mod source;
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MB; `None` elsewhere.
 pub fn peak_rss_mb() -> Option<f64> {

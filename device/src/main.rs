@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use petcam_device::infer::{self, top1, ExportedModel, Latency};
-use petcam_device::preprocess;
+use petcam_device::{preprocess, source};
 
 /// petcam on the camera computer (Raspberry Pi): classify photos with an exported model and
 /// measure how fast it runs here.
@@ -103,35 +102,11 @@ fn load(path: &Path, threads: usize) -> anyhow::Result<ExportedModel> {
     Ok(ExportedModel::load_with_threads(path, threads)?)
 }
 
-/// Image files under `path` (or `path` itself), in name order.
-fn images(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    if !path.is_dir() {
-        out.push(path.to_owned());
-        return Ok(());
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            images(&p, out)?;
-        } else if !p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-        {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
 fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let model = load(&args.model, threads(args.threads))?;
     let mut files = Vec::new();
     for p in &args.paths {
-        images(p, &mut files).with_context(|| format!("cannot list {}", p.display()))?;
+        files.extend(source::image_files(p)?);
     }
     let mut failed = 0;
     for path in &files {

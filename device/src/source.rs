@@ -1,0 +1,375 @@
+//! Where frames come from: `dir:PATH` (images in name order), `mjpeg:FILE` (concatenated JPEG
+//! frames, as a camera streams them), and the frame formats a V4L2 camera delivers (MJPEG,
+//! YUYV).
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::preprocess::{self, PhotoError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("unknown source {0:?}: use dir:PATH, mjpeg:FILE or camera:/dev/videoN")]
+    Unknown(String),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no images")]
+    Empty { path: PathBuf },
+    #[error("YUYV frame of {got} bytes, expected {expected} for {width}x{height}")]
+    YuyvSize {
+        got: usize,
+        expected: usize,
+        width: u32,
+        height: u32,
+    },
+}
+
+/// A parsed `--source`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    Dir(PathBuf),
+    Mjpeg(PathBuf),
+    Camera(PathBuf),
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = SourceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some(("dir", p)) if !p.is_empty() => Ok(Self::Dir(p.into())),
+            Some(("mjpeg", p)) if !p.is_empty() => Ok(Self::Mjpeg(p.into())),
+            Some(("camera", p)) if !p.is_empty() => Ok(Self::Camera(p.into())),
+            _ => Err(SourceError::Unknown(s.to_owned())),
+        }
+    }
+}
+
+/// Image files under `path` (recursively) or `path` itself, in name order; hidden files are
+/// left out.
+pub fn image_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    fn walk(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        if !path.is_dir() {
+            out.push(path.to_owned());
+            return Ok(());
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        entries.sort();
+        for p in entries {
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if !hidden {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(path, &mut out).map_err(|source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(out)
+}
+
+/// Splits a stream of concatenated JPEG frames into frames (SOI to EOI). Markers are walked
+/// segment by segment, so an EXIF thumbnail (a JPEG inside a frame) does not end the frame
+/// early. Bytes between frames are skipped; a frame cut off at the end is dropped.
+pub fn split_jpeg_frames(data: &[u8]) -> Vec<&[u8]> {
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while let Some(start) = find_soi(data, i) {
+        match jpeg_end(data, start) {
+            Some(end) => {
+                frames.push(&data[start..end]);
+                i = end;
+            }
+            None => break,
+        }
+    }
+    frames
+}
+
+fn find_soi(data: &[u8], from: usize) -> Option<usize> {
+    data.get(from..)?
+        .windows(2)
+        .position(|w| w == [0xFF, 0xD8])
+        .map(|p| from + p)
+}
+
+/// The index just past the EOI of the JPEG starting at `start`.
+fn jpeg_end(data: &[u8], start: usize) -> Option<usize> {
+    let mut j = start + 2;
+    loop {
+        // Fill bytes (0xFF repeated) may precede a marker.
+        while data.get(j) == Some(&0xFF) && data.get(j + 1) == Some(&0xFF) {
+            j += 1;
+        }
+        if *data.get(j)? != 0xFF {
+            return None;
+        }
+        let marker = *data.get(j + 1)?;
+        match marker {
+            0xD9 => return Some(j + 2),
+            0x01 | 0xD0..=0xD7 => j += 2,
+            _ => {
+                let len = u16::from_be_bytes([*data.get(j + 2)?, *data.get(j + 3)?]) as usize;
+                j += 2 + len;
+                if marker == 0xDA {
+                    // Entropy-coded data: runs to the next marker that is not a stuffed 0xFF00
+                    // or a restart marker.
+                    loop {
+                        let b = *data.get(j)?;
+                        if b == 0xFF {
+                            let next = *data.get(j + 1)?;
+                            if next != 0x00 && !(0xD0..=0xD7).contains(&next) {
+                                break;
+                            }
+                            j += 2;
+                        } else {
+                            j += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A YUYV (YUV 4:2:2, `Y0 U Y1 V`) frame to RGB, BT.601 limited range as webcams send it.
+pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, SourceError> {
+    let expected = width as usize * height as usize * 2;
+    if data.len() != expected || !width.is_multiple_of(2) {
+        return Err(SourceError::YuyvSize {
+            got: data.len(),
+            expected,
+            width,
+            height,
+        });
+    }
+    let mut rgb = Vec::with_capacity(width as usize * height as usize * 3);
+    for px in data.chunks_exact(4) {
+        let (u, v) = (px[1] as i32 - 128, px[3] as i32 - 128);
+        for y in [px[0], px[2]] {
+            let c = 298 * (y as i32 - 16);
+            let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
+            rgb.push(clamp(c + 409 * v));
+            rgb.push(clamp(c - 100 * u - 208 * v));
+            rgb.push(clamp(c + 516 * u));
+        }
+    }
+    Ok(RgbImage::from_raw(width, height, rgb).expect("3 bytes per pixel"))
+}
+
+/// Frames from files: `dir:` images in name order, or the frames of an `mjpeg:` stream.
+#[derive(Debug)]
+pub struct FileSource {
+    frames: Vec<Frame>,
+    next: usize,
+    looping: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Frame {
+    File(PathBuf),
+    Jpeg(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>, usize),
+}
+
+impl FileSource {
+    pub fn dir(path: &Path, looping: bool) -> Result<Self, SourceError> {
+        let files = image_files(path)?;
+        if files.is_empty() {
+            return Err(SourceError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self {
+            frames: files.into_iter().map(Frame::File).collect(),
+            next: 0,
+            looping,
+        })
+    }
+
+    pub fn mjpeg(path: &Path, looping: bool) -> Result<Self, SourceError> {
+        let data = std::fs::read(path).map_err(|source| SourceError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = data.as_ptr() as usize;
+        let ranges: Vec<std::ops::Range<usize>> = split_jpeg_frames(&data)
+            .into_iter()
+            .map(|f| {
+                let s = f.as_ptr() as usize - base;
+                s..s + f.len()
+            })
+            .collect();
+        if ranges.is_empty() {
+            return Err(SourceError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        let data = std::sync::Arc::new(data);
+        Ok(Self {
+            frames: ranges
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| Frame::Jpeg(data.clone(), r, i))
+                .collect(),
+            next: 0,
+            looping,
+        })
+    }
+
+    /// Frames in the source.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+impl Iterator for FileSource {
+    /// A frame's name (file path, or stream frame number) and its decoded image.
+    type Item = (String, Result<RgbImage, PhotoError>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next == self.frames.len() {
+            if !self.looping {
+                return None;
+            }
+            self.next = 0;
+        }
+        let frame = &self.frames[self.next];
+        self.next += 1;
+        Some(match frame {
+            Frame::File(p) => (p.display().to_string(), preprocess::load_rgb(p)),
+            Frame::Jpeg(data, range, i) => (
+                format!("frame {i}"),
+                preprocess::decode_rgb(&data[range.clone()]),
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u16, h: u16, rgb: [u8; 3]) -> Vec<u8> {
+        let pixels: Vec<u8> = (0..w as usize * h as usize).flat_map(|_| rgb).collect();
+        let mut out = Vec::new();
+        jpeg_encoder::Encoder::new(&mut out, 90)
+            .encode(&pixels, w, h, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn source_specs_parse() {
+        assert_eq!(
+            "dir:/photos".parse::<SourceSpec>().unwrap(),
+            SourceSpec::Dir("/photos".into())
+        );
+        assert_eq!(
+            "mjpeg:a.mjpeg".parse::<SourceSpec>().unwrap(),
+            SourceSpec::Mjpeg("a.mjpeg".into())
+        );
+        assert_eq!(
+            "camera:/dev/video0".parse::<SourceSpec>().unwrap(),
+            SourceSpec::Camera("/dev/video0".into())
+        );
+        for bad in ["photos", "dir:", "rtsp://cam"] {
+            assert!(bad.parse::<SourceSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_mjpeg_stream_splits_into_its_frames() {
+        let frames = [
+            jpeg(32, 24, [200, 10, 10]),
+            jpeg(32, 24, [10, 200, 10]),
+            jpeg(16, 8, [10, 10, 200]),
+        ];
+        // Junk between frames and a frame cut off at the end, as a dropped connection leaves.
+        let mut stream = b"junk".to_vec();
+        for f in &frames {
+            stream.extend_from_slice(f);
+            stream.extend_from_slice(&[0, 0]);
+        }
+        stream.extend_from_slice(&frames[0][..frames[0].len() / 2]);
+        let split = split_jpeg_frames(&stream);
+        assert_eq!(split.len(), 3);
+        for (got, want) in split.iter().zip(&frames) {
+            assert_eq!(*got, &want[..]);
+        }
+        let img = preprocess::decode_rgb(split[1]).unwrap();
+        let p = img.get_pixel(16, 12);
+        assert!(p[1] > 150 && p[0] < 60 && p[2] < 60, "{p:?}");
+    }
+
+    #[test]
+    fn an_exif_thumbnail_does_not_end_the_frame() {
+        let thumb = jpeg(8, 8, [0, 0, 0]);
+        let main = jpeg(16, 16, [255, 255, 255]);
+        // APP1 segment holding a whole JPEG (with its own SOI/EOI) right after the SOI.
+        let mut frame = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        frame.extend_from_slice(&((thumb.len() + 2) as u16).to_be_bytes());
+        frame.extend_from_slice(&thumb);
+        frame.extend_from_slice(&main[2..]);
+        let mut stream = frame.clone();
+        stream.extend_from_slice(&main);
+        let split = split_jpeg_frames(&stream);
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[0], &frame[..]);
+    }
+
+    #[test]
+    fn yuyv_converts_known_colours() {
+        // Two pixels per 4 bytes: white and black share U = V = 128; then saturated red.
+        let data = [235, 128, 16, 128, 81, 90, 81, 240];
+        let img = yuyv_to_rgb(&data, 4, 1).unwrap();
+        assert_eq!(img.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(img.get_pixel(1, 0).0, [0, 0, 0]);
+        let red = img.get_pixel(2, 0).0;
+        assert!(red[0] >= 250 && red[1] <= 5 && red[2] <= 5, "{red:?}");
+        assert!(matches!(
+            yuyv_to_rgb(&data, 4, 2),
+            Err(SourceError::YuyvSize { expected: 16, .. })
+        ));
+    }
+
+    #[test]
+    fn a_dir_source_goes_in_name_order_and_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.jpg"), jpeg(8, 8, [0, 0, 0])).unwrap();
+        std::fs::write(dir.path().join("a.jpg"), jpeg(8, 8, [0, 0, 0])).unwrap();
+        std::fs::write(dir.path().join(".hidden.jpg"), b"x").unwrap();
+        let names: Vec<String> = FileSource::dir(dir.path(), true)
+            .unwrap()
+            .take(3)
+            .map(|(n, img)| {
+                assert!(img.is_ok());
+                n
+            })
+            .collect();
+        assert!(names[0].ends_with("a.jpg") && names[1].ends_with("b.jpg"));
+        assert!(names[2].ends_with("a.jpg"));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            FileSource::dir(empty.path(), false),
+            Err(SourceError::Empty { .. })
+        ));
+    }
+}
