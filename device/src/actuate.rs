@@ -75,6 +75,23 @@ impl<P: OutputPin> Actuator<P> {
     }
 }
 
+/// The pin type of a run without outputs: it has no values, so an `Actuator<NoPin>` is empty.
+#[derive(Debug)]
+pub enum NoPin {}
+
+impl embedded_hal::digital::ErrorType for NoPin {
+    type Error = std::convert::Infallible;
+}
+
+impl OutputPin for NoPin {
+    fn set_low(&mut self) -> Result<(), Self::Error> {
+        match *self {}
+    }
+    fn set_high(&mut self) -> Result<(), Self::Error> {
+        match *self {}
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod mock {
     use std::cell::RefCell;

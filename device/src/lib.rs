@@ -5,6 +5,7 @@
 //! uses [`infer`] and [`preprocess`] too, so it scores a model exactly as the device runs it.
 
 pub mod actuate;
+pub mod agent;
 pub mod decide;
 pub mod infer;
 pub mod preprocess;

@@ -27,6 +27,50 @@ struct Cli {
 enum Command {
     Classify(ClassifyArgs),
     Bench(BenchArgs),
+    Run(RunArgs),
+}
+
+/// Watch a source of frames, decide what it sees, drive output pins, and report each change of
+/// decision. Ends when the source ends (without --loop), after --max-frames, or on
+/// SIGINT/SIGTERM, with the outputs at their inactive level and exit code 0.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The exported model.
+    #[arg(long, value_name = "FILE")]
+    model: PathBuf,
+    /// dir:PATH (images in name order), mjpeg:FILE (concatenated JPEG frames) or
+    /// camera:/dev/videoN.
+    #[arg(long, value_name = "SRC")]
+    source: source::SourceSpec,
+    /// Start again at the first file when a dir: or mjpeg: source ends.
+    #[arg(long = "loop")]
+    looping: bool,
+    /// Pace a dir: or mjpeg: source like a camera at this many frames per second; frames are
+    /// then dropped (oldest first) when inference is slower. Unpaced files are all classified.
+    #[arg(long, value_name = "FPS")]
+    fps: Option<f64>,
+    /// Decide on the mean probabilities of the last N frames.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    smooth: usize,
+    /// Below this smoothed probability the decision is `none`.
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f32,
+    /// Drive a GPIO line while a label is decided, e.g. --pin cat=17 --pin dog=27 (needs a build
+    /// with the `gpio` feature).
+    #[arg(long = "pin", value_name = "LABEL=LINE")]
+    pins: Vec<String>,
+    /// GPIO character device of the --pin lines.
+    #[arg(long, default_value = "/dev/gpiochip0", value_name = "DEV")]
+    gpio_chip: PathBuf,
+    /// Threads for tract's matrix products [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Stop after this many classified frames.
+    #[arg(long, value_name = "N")]
+    max_frames: Option<u64>,
+    /// JSON lines: one per decision change and bad frame, then a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Classify image files, or every image under folders, one line per image.
@@ -76,6 +120,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify(a) => classify(a),
         Command::Bench(a) => bench(a).map(|()| ExitCode::SUCCESS),
+        Command::Run(a) => run(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -259,4 +304,147 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    use petcam_device::actuate::{self, Actuator};
+    use petcam_device::agent::{self, Report};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let model = load(&args.model, threads(args.threads))?;
+    let pins: Vec<(usize, u32)> = args
+        .pins
+        .iter()
+        .map(|spec| actuate::parse_pin(spec, &model.labels))
+        .collect::<Result<_, _>>()?;
+    let frames = match &args.source {
+        source::SourceSpec::Dir(p) => source::FileSource::dir(p, args.looping)?,
+        source::SourceSpec::Mjpeg(p) => source::FileSource::mjpeg(p, args.looping)?,
+        source::SourceSpec::Camera(p) => anyhow::bail!(
+            "camera source {}: this petcam-device has no camera support yet; use dir: or mjpeg:",
+            p.display()
+        ),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .map_err(|e| anyhow::anyhow!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
+    }
+    let paced = args
+        .fps
+        .filter(|f| *f > 0.0)
+        .map(|f| std::time::Duration::from_secs_f64(1.0 / f));
+    let (queue, capture) = agent::spawn_capture(frames, paced, stop.clone());
+    let cfg = agent::RunConfig {
+        smooth: args.smooth,
+        threshold: args.threshold,
+        max_frames: args.max_frames,
+    };
+    let labels = model.labels.clone();
+    let json = args.json;
+    let report = move |r: Report| match r {
+        Report::Decision { frame, event } => {
+            let (from, to) = (
+                agent::decision_label(event.from, &labels),
+                agent::decision_label(event.to, &labels),
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "event": "decision", "frame": frame, "from": from, "to": to,
+                        "confidence": event.confidence,
+                    })
+                );
+            } else {
+                println!("{frame}\t{from} -> {to}\t{:.3}", event.confidence);
+            }
+        }
+        Report::BadFrame { frame, error } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "bad_frame", "frame": frame, "error": error})
+                );
+            } else {
+                eprintln!("{frame}: skipped: {error}");
+            }
+        }
+    };
+    let stats = if pins.is_empty() {
+        let mut none = Actuator::<actuate::NoPin>::new(Vec::new())?;
+        agent::run_loop(&model, &queue, &cfg, &mut none, &stop, report)
+    } else {
+        let mut act = gpio::actuator(&args.gpio_chip, &pins)?;
+        agent::run_loop(&model, &queue, &cfg, &mut act, &stop, report)
+    };
+    // The capture thread ends once it sees the stop flag or a closed queue.
+    stop.store(true, Ordering::Relaxed);
+    queue.close();
+    let _ = capture.join();
+    let stats = stats?;
+    if args.json {
+        let mut summary = serde_json::to_value(&stats)?;
+        summary["event"] = "summary".into();
+        println!("{summary}");
+    } else {
+        println!(
+            "{} frames in {:.1} s ({:.1} fps), {} dropped, {} unreadable, {} decision changes; \
+             inference p50 {:.1} ms, preprocessing p50 {:.2} ms",
+            stats.frames,
+            stats.seconds,
+            stats.fps,
+            stats.dropped,
+            stats.bad_frames,
+            stats.events,
+            stats.infer.p50_ms,
+            stats.preprocess.p50_ms
+        );
+    }
+    Ok(())
+}
+
+/// The Linux GPIO back-end: character-device lines (`/dev/gpiochipN`).
+#[cfg(feature = "gpio")]
+mod gpio {
+    use std::path::Path;
+
+    use linux_embedded_hal::gpio_cdev::{Chip, LineRequestFlags};
+    use linux_embedded_hal::CdevPin;
+    use petcam_device::actuate::Actuator;
+
+    pub fn actuator(chip: &Path, pins: &[(usize, u32)]) -> anyhow::Result<Actuator<CdevPin>> {
+        let mut c = Chip::new(chip).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open GPIO chip {}: {e}; is the user in the gpio group?",
+                chip.display()
+            )
+        })?;
+        let mut out = Vec::new();
+        for &(label, line) in pins {
+            let handle = c
+                .get_line(line)
+                .and_then(|l| l.request(LineRequestFlags::OUTPUT, 0, "petcam"))
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot claim GPIO line {line} of {}: {e}", chip.display())
+                })?;
+            out.push((label, CdevPin::new(handle)?));
+        }
+        Actuator::new(out).map_err(|e| anyhow::anyhow!("cannot drive a GPIO line: {e:?}"))
+    }
+}
+
+#[cfg(not(feature = "gpio"))]
+mod gpio {
+    use std::path::Path;
+
+    use petcam_device::actuate::{Actuator, NoPin};
+
+    pub fn actuator(_chip: &Path, _pins: &[(usize, u32)]) -> anyhow::Result<Actuator<NoPin>> {
+        anyhow::bail!(
+            "--pin needs GPIO support: build with `cargo build --release -p petcam-device --features gpio`"
+        )
+    }
 }

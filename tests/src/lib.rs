@@ -57,3 +57,27 @@ pub fn copy_first(src: &Path, dst: &Path, n: usize) {
         std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
     }
 }
+
+/// The Kaggle photos and the EfficientNet-Lite0 checkpoint from `../shared`, or `None` (see
+/// [`shared`]).
+pub fn photos_and_weights() -> Option<(PathBuf, PathBuf)> {
+    Some((
+        shared("datasets/cats-vs-dogs")?,
+        shared("backbones/efficientnet-lite0-57934424.pth")?,
+    ))
+}
+
+/// `petcam train-and-export` on `photos` into `out`, with its feature cache in `cache`.
+pub fn train_and_export(photos: &Path, weights: &Path, out: &Path, cache: &Path) -> Command {
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("train-and-export")
+        .arg("--data")
+        .arg(photos)
+        .arg("--weights")
+        .arg(weights)
+        .arg("--out")
+        .arg(out)
+        .arg("--cache-dir")
+        .arg(cache);
+    cmd
+}

@@ -2,14 +2,11 @@
 
 use std::process::Command;
 
-use petcam_tests::{binary, copy_first, run, shared};
+use petcam_tests::{binary, copy_first, photos_and_weights, run, shared, train_and_export};
 
 #[test]
 fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
-    let (Some(data), Some(weights)) = (
-        shared("datasets/cats-vs-dogs"),
-        shared("backbones/efficientnet-lite0-57934424.pth"),
-    ) else {
+    let Some((data, weights)) = photos_and_weights() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -35,18 +32,8 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     let out = tmp.path().join("out");
     let cache = tmp.path().join("cache");
     let train = |extra: &[&str]| {
-        let mut cmd = Command::new(binary("petcam"));
-        cmd.arg("train-and-export")
-            .arg("--data")
-            .arg(&photos)
-            .arg("--weights")
-            .arg(&weights)
-            .arg("--out")
-            .arg(&out)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .args(["--latency-runs", "5"])
-            .args(extra);
+        let mut cmd = train_and_export(&photos, &weights, &out, &cache);
+        cmd.args(["--latency-runs", "5"]).args(extra);
         run(&mut cmd)
     };
     let first = train(&[]);
@@ -156,6 +143,58 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
         .count();
     let eval_right = (eval["accuracy"].as_f64().unwrap() * 30.0).round() as usize;
     assert_eq!(right, eval_right, "classify and evaluate disagree");
+
+    // run over the same folder, deciding on every frame (no smoothing): each change of the
+    // classified label is one decision event, on the frame where classify saw it change.
+    let classified: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l.get("label").is_some())
+        .map(|l| (l["path"].as_str().unwrap(), l["label"].as_str().unwrap()))
+        .collect();
+    let mut expected = Vec::new();
+    let mut current = "none";
+    for &(path, label) in &classified {
+        if label != current {
+            expected.push((path, current, label));
+            current = label;
+        }
+    }
+    let mut cmd = Command::new(binary("petcam-device"));
+    cmd.arg("run")
+        .arg("--model")
+        .arg(out.join("model.onnx"))
+        .arg(format!("--source=dir:{}", photos.join("val").display()))
+        .args([
+            "--smooth",
+            "1",
+            "--threshold",
+            "0.5",
+            "--threads",
+            "1",
+            "--json",
+        ]);
+    let ran = run(&mut cmd);
+    assert!(ran.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8(ran.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, decisions) = events.split_last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["frames"], 30);
+    assert_eq!(summary["dropped"], 0);
+    let got: Vec<(&str, &str, &str)> = decisions
+        .iter()
+        .map(|e| {
+            (
+                e["frame"].as_str().unwrap(),
+                e["from"].as_str().unwrap(),
+                e["to"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
 
     let mut cmd = Command::new(binary("petcam-device"));
     cmd.arg("bench")
@@ -372,4 +411,50 @@ fn the_device_refuses_a_missing_or_corrupt_model_with_exit_code_1() {
             assert!(err.contains(name) && err.contains(says), "{err}");
         }
     }
+}
+
+#[test]
+fn the_device_stops_cleanly_on_sigterm() {
+    let Some((data, weights)) = photos_and_weights() else {
+        return;
+    };
+    // A tiny model of the same contract: two classes of 6 photos each, no verification runs
+    // to speak of.
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    for class in ["cat", "dog"] {
+        copy_first(&data.join("train").join(class), &photos.join(class), 6);
+    }
+    let out = tmp.path().join("out");
+    let mut cmd = train_and_export(&photos, &weights, &out, &tmp.path().join("cache"));
+    cmd.args(["--val-fraction", "0.3", "--latency-runs", "1"]);
+    assert!(run(&mut cmd).status.success());
+
+    let child = Command::new(binary("petcam-device"))
+        .arg("run")
+        .arg("--model")
+        .arg(out.join("model.onnx"))
+        .arg(format!("--source=dir:{}", photos.display()))
+        .args(["--loop", "--threads", "1", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert!(summary["frames"].as_u64().unwrap() > 0);
 }

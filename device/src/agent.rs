@@ -1,0 +1,288 @@
+//! The long-running program: frames from a source, through the model, to decisions and pins.
+//!
+//! A capture thread reads frames into a small bounded queue; the inference loop always takes
+//! the freshest frame. A live source (a camera, or files paced with `--fps`) drops the oldest
+//! queued frame when inference falls behind, and counts it; an unpaced file source waits
+//! instead, so every file is classified.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use embedded_hal::digital::OutputPin;
+use image::RgbImage;
+
+use crate::actuate::Actuator;
+use crate::decide::{Decider, Decision, Event};
+use crate::infer::{ExportedModel, Latency, ModelError};
+use crate::preprocess::{self, PhotoError};
+
+/// A bounded queue between the capture thread and inference.
+#[derive(Debug)]
+pub struct FrameQueue<T> {
+    state: Mutex<QueueState<T>>,
+    changed: Condvar,
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct QueueState<T> {
+    items: VecDeque<T>,
+    closed: bool,
+    dropped: u64,
+}
+
+impl<T> FrameQueue<T> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                closed: false,
+                dropped: 0,
+            }),
+            changed: Condvar::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Adds a frame; when full, the oldest queued frame is dropped (and counted).
+    pub fn push_dropping_oldest(&self, item: T) {
+        let mut s = self.state.lock().expect("queue lock");
+        if s.items.len() == self.capacity {
+            s.items.pop_front();
+            s.dropped += 1;
+        }
+        s.items.push_back(item);
+        self.changed.notify_all();
+    }
+
+    /// Adds a frame, waiting for room. Returns false when the queue was closed meanwhile.
+    pub fn push_waiting(&self, item: T) -> bool {
+        let mut s = self.state.lock().expect("queue lock");
+        while s.items.len() == self.capacity && !s.closed {
+            s = self.changed.wait(s).expect("queue lock");
+        }
+        if s.closed {
+            return false;
+        }
+        s.items.push_back(item);
+        self.changed.notify_all();
+        true
+    }
+
+    /// The oldest queued frame, waiting for one; `None` once closed and empty.
+    pub fn pop(&self) -> Option<T> {
+        let mut s = self.state.lock().expect("queue lock");
+        loop {
+            if let Some(item) = s.items.pop_front() {
+                self.changed.notify_all();
+                return Some(item);
+            }
+            if s.closed {
+                return None;
+            }
+            s = self.changed.wait(s).expect("queue lock");
+        }
+    }
+
+    /// No more frames will come; waiting pushers and poppers return.
+    pub fn close(&self) {
+        self.state.lock().expect("queue lock").closed = true;
+        self.changed.notify_all();
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.state.lock().expect("queue lock").dropped
+    }
+}
+
+/// One frame as the capture thread delivers it.
+pub type Captured = (String, Result<RgbImage, PhotoError>);
+
+/// Options of the inference loop.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub smooth: usize,
+    pub threshold: f32,
+    /// Stop after this many frames have been classified.
+    pub max_frames: Option<u64>,
+}
+
+/// Something the loop reports as it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The decision changed.
+    Decision { frame: String, event: Event },
+    /// A frame could not be decoded; the loop goes on.
+    BadFrame { frame: String, error: String },
+}
+
+/// What a run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunStats {
+    pub frames: u64,
+    pub bad_frames: u64,
+    pub dropped: u64,
+    pub events: u64,
+    pub seconds: f64,
+    pub fps: f64,
+    pub infer: Latency,
+    pub preprocess: Latency,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("cannot drive an output pin: {0}")]
+    Pin(String),
+}
+
+/// Starts a capture thread that moves `frames` into a new queue; `paced` frames are dropped
+/// when the consumer falls behind, unpaced ones wait. The thread ends with the frames or when
+/// `stop` is set.
+pub fn spawn_capture<I>(
+    frames: I,
+    paced: Option<Duration>,
+    stop: Arc<AtomicBool>,
+) -> (Arc<FrameQueue<Captured>>, std::thread::JoinHandle<()>)
+where
+    I: Iterator<Item = Captured> + Send + 'static,
+{
+    let queue = Arc::new(FrameQueue::new(2));
+    let q = queue.clone();
+    let handle = std::thread::spawn(move || {
+        let mut next_due = Instant::now();
+        for frame in frames {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match paced {
+                Some(period) => {
+                    let now = Instant::now();
+                    if next_due > now {
+                        std::thread::sleep(next_due - now);
+                    }
+                    next_due += period;
+                    q.push_dropping_oldest(frame);
+                }
+                None => {
+                    if !q.push_waiting(frame) {
+                        break;
+                    }
+                }
+            }
+        }
+        q.close();
+    });
+    (queue, handle)
+}
+
+/// The inference loop: until the queue closes, `stop` is set or `max_frames` are done.
+/// Pins are left at their inactive level when it returns.
+pub fn run_loop<P: OutputPin>(
+    model: &ExportedModel,
+    queue: &FrameQueue<Captured>,
+    cfg: &RunConfig,
+    actuator: &mut Actuator<P>,
+    stop: &AtomicBool,
+    mut report: impl FnMut(Report),
+) -> Result<RunStats, RunError> {
+    let start = Instant::now();
+    let mut decider = Decider::new(cfg.smooth, cfg.threshold);
+    let (mut frames, mut bad, mut events) = (0u64, 0u64, 0u64);
+    let (mut infer_ms, mut prep_ms) = (Vec::new(), Vec::new());
+    let (w, h) = (model.input.width, model.input.height);
+    let pin_err = |e: P::Error| RunError::Pin(format!("{e:?}"));
+    let result = (|| {
+        while !stop.load(Ordering::Relaxed) && cfg.max_frames.is_none_or(|m| frames < m) {
+            let Some((name, decoded)) = queue.pop() else {
+                break;
+            };
+            let img = match decoded {
+                Ok(img) => img,
+                Err(e) => {
+                    bad += 1;
+                    report(Report::BadFrame {
+                        frame: name,
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let t = Instant::now();
+            let input = preprocess::resize(&img, w, h);
+            prep_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let probs = model.predict(&input)?;
+            infer_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            frames += 1;
+            if let Some(event) = decider.push(&probs) {
+                events += 1;
+                actuator.apply(event.to).map_err(pin_err)?;
+                report(Report::Decision { frame: name, event });
+            }
+        }
+        Ok(())
+    })();
+    // Whatever ended the loop, the outputs go inactive.
+    let released = actuator.release().map_err(pin_err);
+    result.and(released)?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(RunStats {
+        frames,
+        bad_frames: bad,
+        dropped: queue.dropped(),
+        events,
+        seconds,
+        fps: if seconds > 0.0 {
+            frames as f64 / seconds
+        } else {
+            0.0
+        },
+        infer: Latency::from_samples(infer_ms),
+        preprocess: Latency::from_samples(prep_ms),
+    })
+}
+
+/// The label a decision names, or `none`.
+pub fn decision_label(d: Decision, labels: &[String]) -> &str {
+    match d {
+        Decision::Label(i) => labels.get(i).map_or("?", String::as_str),
+        Decision::Unsure => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_frame() {
+        let q = FrameQueue::new(2);
+        for i in 0..5 {
+            q.push_dropping_oldest(i);
+        }
+        assert_eq!(q.dropped(), 3);
+        assert_eq!(q.pop(), Some(3));
+        assert_eq!(q.pop(), Some(4));
+        q.close();
+        assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn an_unpaced_producer_waits_and_loses_nothing() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = (0..50).map(|i| (format!("{i}"), Err(PhotoError::Empty)));
+        let (q, handle) = spawn_capture(frames, None, stop);
+        let mut got = Vec::new();
+        while let Some((name, _)) = q.pop() {
+            got.push(name);
+        }
+        handle.join().unwrap();
+        assert_eq!(got.len(), 50);
+        assert_eq!(got[49], "49");
+        assert_eq!(q.dropped(), 0);
+    }
+}
