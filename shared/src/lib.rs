@@ -4,6 +4,8 @@
 //!   device. Keeping it in one place is what prevents train/serve skew.
 //! - [`depthwise`]: the depthwise 2-D convolution kernel that both inference back-ends (candle on
 //!   the host, tract on the device) call for the hot layers of the backbone.
+//! - [`protocol`]: the messages host and device exchange over serial, and their framing
+//!   (postcard, CRC-32C, COBS) and version check.
 //!
 //! The crate is `no_std` + `alloc` so the wire protocol also fits a microcontroller; the `std`
 //! feature (on by default) only adds conveniences for hosted targets.
@@ -21,3 +23,4 @@ pub mod preprocess;
 
 // Wire protocol and model metadata.
 pub mod metadata;
+pub mod protocol;
