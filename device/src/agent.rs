@@ -11,12 +11,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use embedded_hal::digital::OutputPin;
-use image::RgbImage;
 
 use crate::actuate::Actuator;
 use crate::decide::{Decider, Decision, Event};
 use crate::infer::{ExportedModel, Latency, ModelError};
-use crate::preprocess::{self, PhotoError};
+use crate::preprocess;
+use crate::source::FrameData;
 
 /// A bounded queue between the capture thread and inference.
 #[derive(Debug)]
@@ -95,10 +95,14 @@ impl<T> FrameQueue<T> {
     pub fn dropped(&self) -> u64 {
         self.state.lock().expect("queue lock").dropped
     }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().expect("queue lock").closed
+    }
 }
 
-/// One frame as the capture thread delivers it.
-pub type Captured = (String, Result<RgbImage, PhotoError>);
+/// One frame as the capture thread delivers it: its name and its (maybe undecoded) data.
+pub type Captured = (String, FrameData);
 
 /// Options of the inference loop.
 #[derive(Debug, Clone)]
@@ -114,6 +118,13 @@ pub struct RunConfig {
 pub enum Report {
     /// The decision changed.
     Decision { frame: String, event: Event },
+    /// A frame was classified (every frame, for live figures such as heartbeats).
+    Classified {
+        infer_ms: f64,
+        decision: Decision,
+        /// Smoothed probability of the top label.
+        confidence: f32,
+    },
     /// A frame could not be decoded; the loop goes on.
     BadFrame { frame: String, error: String },
 }
@@ -139,12 +150,23 @@ pub enum RunError {
     Pin(String),
 }
 
-/// Starts a capture thread that moves `frames` into a new queue; `paced` frames are dropped
-/// when the consumer falls behind, unpaced ones wait. The thread ends with the frames or when
-/// `stop` is set.
+/// How the capture thread hands frames over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Files, as fast as inference takes them: every frame is classified.
+    Wait,
+    /// A camera: frames come at the camera's rate; the oldest queued one is dropped when
+    /// inference falls behind.
+    Live,
+    /// Files played like a camera at one frame per period, dropping like [`Pace::Live`].
+    Every(Duration),
+}
+
+/// Starts a capture thread that moves `frames` into a new queue, as `pace` says. The thread
+/// ends with the frames, when the queue is closed, or when `stop` is set.
 pub fn spawn_capture<I>(
     frames: I,
-    paced: Option<Duration>,
+    pace: Pace,
     stop: Arc<AtomicBool>,
 ) -> (Arc<FrameQueue<Captured>>, std::thread::JoinHandle<()>)
 where
@@ -152,30 +174,34 @@ where
 {
     let queue = Arc::new(FrameQueue::new(2));
     let q = queue.clone();
-    let handle = std::thread::spawn(move || {
-        let mut next_due = Instant::now();
-        for frame in frames {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            match paced {
-                Some(period) => {
-                    let now = Instant::now();
-                    if next_due > now {
-                        std::thread::sleep(next_due - now);
-                    }
-                    next_due += period;
-                    q.push_dropping_oldest(frame);
+    let handle = std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let mut next_due = Instant::now();
+            for frame in frames {
+                if stop.load(Ordering::Relaxed) || q.is_closed() {
+                    break;
                 }
-                None => {
-                    if !q.push_waiting(frame) {
-                        break;
+                match pace {
+                    Pace::Wait => {
+                        if !q.push_waiting(frame) {
+                            break;
+                        }
+                    }
+                    Pace::Live => q.push_dropping_oldest(frame),
+                    Pace::Every(period) => {
+                        let now = Instant::now();
+                        if next_due > now {
+                            std::thread::sleep(next_due - now);
+                        }
+                        next_due += period;
+                        q.push_dropping_oldest(frame);
                     }
                 }
             }
-        }
-        q.close();
-    });
+            q.close();
+        })
+        .expect("spawn the capture thread");
     (queue, handle)
 }
 
@@ -197,10 +223,10 @@ pub fn run_loop<P: OutputPin>(
     let pin_err = |e: P::Error| RunError::Pin(format!("{e:?}"));
     let result = (|| {
         while !stop.load(Ordering::Relaxed) && cfg.max_frames.is_none_or(|m| frames < m) {
-            let Some((name, decoded)) = queue.pop() else {
+            let Some((name, data)) = queue.pop() else {
                 break;
             };
-            let img = match decoded {
+            let img = match data.decode() {
                 Ok(img) => img,
                 Err(e) => {
                     bad += 1;
@@ -216,11 +242,20 @@ pub fn run_loop<P: OutputPin>(
             prep_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             let probs = model.predict(&input)?;
-            infer_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            infer_ms.push(ms);
             frames += 1;
-            if let Some(event) = decider.push(&probs) {
+            let event = decider.push(&probs);
+            if let Some(event) = &event {
                 events += 1;
                 actuator.apply(event.to).map_err(pin_err)?;
+            }
+            report(Report::Classified {
+                infer_ms: ms,
+                decision: decider.current(),
+                confidence: decider.confidence(),
+            });
+            if let Some(event) = event {
                 report(Report::Decision { frame: name, event });
             }
         }
@@ -274,8 +309,11 @@ mod tests {
     #[test]
     fn an_unpaced_producer_waits_and_loses_nothing() {
         let stop = Arc::new(AtomicBool::new(false));
-        let frames = (0..50).map(|i| (format!("{i}"), Err(PhotoError::Empty)));
-        let (q, handle) = spawn_capture(frames, None, stop);
+        let frames = (0..50).map(|i| {
+            let empty = Err(crate::preprocess::PhotoError::Empty);
+            (format!("{i}"), FrameData::Image(empty))
+        });
+        let (q, handle) = spawn_capture(frames, Pace::Wait, stop);
         let mut got = Vec::new();
         while let Some((name, _)) = q.pop() {
             got.push(name);

@@ -31,6 +31,7 @@ pub struct Decider {
     threshold: f32,
     recent: VecDeque<Vec<f32>>,
     current: Decision,
+    confidence: f32,
 }
 
 impl Decider {
@@ -41,11 +42,17 @@ impl Decider {
             threshold,
             recent: VecDeque::new(),
             current: Decision::Unsure,
+            confidence: 0.0,
         }
     }
 
     pub fn current(&self) -> Decision {
         self.current
+    }
+
+    /// The smoothed probability of the top label after the last frame.
+    pub fn confidence(&self) -> f32 {
+        self.confidence
     }
 
     /// Takes one frame's probabilities; returns the event when the decision changes.
@@ -70,6 +77,7 @@ impl Decider {
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .unwrap_or((0, 0.0));
+        self.confidence = confidence;
         let next = if confidence >= self.threshold {
             Decision::Label(top)
         } else {

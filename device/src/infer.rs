@@ -14,7 +14,15 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
+use sha2::Digest;
+
 use crate::preprocess;
+
+/// A model's short id from its SHA-256: 12 hex digits, enough to tell models apart on a
+/// dashboard, short enough for every heartbeat.
+pub fn model_id(sha256: &[u8; 32]) -> String {
+    sha256[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -43,6 +51,8 @@ type Plan = TypedSimplePlan;
 pub struct ExportedModel {
     pub path: PathBuf,
     pub bytes: u64,
+    /// SHA-256 of the file: what telemetry and uploads identify the model by.
+    pub sha256: [u8; 32],
     pub labels: Vec<String>,
     pub input: InputSpec,
     /// Every `metadata_props` entry.
@@ -226,12 +236,18 @@ impl ExportedModel {
         Ok(Self {
             path: path.to_owned(),
             bytes: data.len() as u64,
+            sha256: sha2::Sha256::digest(data).into(),
             labels,
             input,
             metadata,
             graph,
             plan,
         })
+    }
+
+    /// The model's short id: the first 12 hex digits of its SHA-256, as telemetry reports it.
+    pub fn id(&self) -> String {
+        model_id(&self.sha256)
     }
 
     /// Class probabilities for an RGB image already resized to the model's input.

@@ -9,7 +9,9 @@ pub mod agent;
 pub mod decide;
 pub mod infer;
 pub mod preprocess;
+pub mod retry;
 pub mod source;
+pub mod telemetry;
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MB; `None` elsewhere.
 pub fn peak_rss_mb() -> Option<f64> {

@@ -21,6 +21,8 @@ pub enum PhotoError {
     TruncatedJpeg,
     #[error("cannot decode: {0}")]
     Decode(#[from] image::ImageError),
+    #[error("bad camera frame: {0}")]
+    CameraFrame(String),
 }
 
 /// Decodes a photo's bytes to RGB: format from the content (not the name), EXIF orientation

@@ -1,12 +1,41 @@
 //! Where frames come from: `dir:PATH` (images in name order), `mjpeg:FILE` (concatenated JPEG
-//! frames, as a camera streams them), and the frame formats a V4L2 camera delivers (MJPEG,
-//! YUYV).
+//! frames, as a camera streams them), and `camera:/dev/videoN` (a V4L2 camera, in [`camera`],
+//! delivering MJPEG or YUYV frames).
 
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
 use crate::preprocess::{self, PhotoError};
+
+pub mod camera;
+
+/// A frame as the capture thread hands it over. Camera frames stay undecoded until inference
+/// takes them, so frames dropped because inference is busy cost no decoding.
+#[derive(Debug)]
+pub enum FrameData {
+    Image(Result<RgbImage, PhotoError>),
+    Camera {
+        format: PixelFormat,
+        width: u32,
+        height: u32,
+        data: Vec<u8>,
+    },
+}
+
+impl FrameData {
+    pub fn decode(self) -> Result<RgbImage, PhotoError> {
+        match self {
+            FrameData::Image(img) => img,
+            FrameData::Camera {
+                format,
+                width,
+                height,
+                data,
+            } => frame_to_rgb(format, &data, width, height),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -46,6 +75,13 @@ impl std::str::FromStr for SourceSpec {
             Some(("camera", p)) if !p.is_empty() => Ok(Self::Camera(p.into())),
             _ => Err(SourceError::Unknown(s.to_owned())),
         }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SourceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -146,6 +182,80 @@ fn jpeg_end(data: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// The pixel formats petcam asks a camera for, in order of preference: MJPEG costs the USB bus
+/// a tenth of YUYV, so it is the one that reaches 30 fps at 640x480 on a Pi's shared bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelFormat {
+    Mjpeg,
+    Yuyv,
+}
+
+impl PixelFormat {
+    pub const PREFERRED: [PixelFormat; 2] = [PixelFormat::Mjpeg, PixelFormat::Yuyv];
+
+    /// The V4L2 four-character code.
+    pub fn fourcc(self) -> [u8; 4] {
+        match self {
+            PixelFormat::Mjpeg => *b"MJPG",
+            PixelFormat::Yuyv => *b"YUYV",
+        }
+    }
+
+    pub fn from_fourcc(code: [u8; 4]) -> Option<Self> {
+        Self::PREFERRED.into_iter().find(|f| f.fourcc() == code)
+    }
+}
+
+impl std::fmt::Display for PixelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.fourcc()).unwrap_or("?"))
+    }
+}
+
+/// One camera frame (the bytes the driver filled) to RGB.
+pub fn frame_to_rgb(
+    format: PixelFormat,
+    data: &[u8],
+    width: u32,
+    height: u32,
+) -> Result<RgbImage, PhotoError> {
+    match format {
+        PixelFormat::Mjpeg => {
+            // Some webcams send MJPEG without the Huffman tables (DHT) every decoder needs; the
+            // frame then fails to decode and is reported as a bad frame, not a crash.
+            preprocess::decode_rgb(data)
+        }
+        PixelFormat::Yuyv => {
+            // Drivers may report a buffer larger than the picture; the picture is its start.
+            let size = width as usize * height as usize * 2;
+            let data = data.get(..size).unwrap_or(data);
+            yuyv_to_rgb(data, width, height).map_err(|e| PhotoError::CameraFrame(e.to_string()))
+        }
+    }
+}
+
+/// The video devices this machine has (`/dev/video*`, with the driver's name from sysfs when
+/// known), for error messages about a camera that is not there.
+pub fn video_devices() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/dev") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            name.strip_prefix("video")?.parse::<u32>().ok()?;
+            let sys = format!("/sys/class/video4linux/{name}/name");
+            Some(match std::fs::read_to_string(sys) {
+                Ok(n) => format!("/dev/{name} ({})", n.trim()),
+                Err(_) => format!("/dev/{name}"),
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// A YUYV (YUV 4:2:2, `Y0 U Y1 V`) frame to RGB, BT.601 limited range as webcams send it.
 pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, SourceError> {
     let expected = width as usize * height as usize * 2;
@@ -242,7 +352,7 @@ impl FileSource {
 
 impl Iterator for FileSource {
     /// A frame's name (file path, or stream frame number) and its decoded image.
-    type Item = (String, Result<RgbImage, PhotoError>);
+    type Item = (String, FrameData);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.next == self.frames.len() {
@@ -254,10 +364,13 @@ impl Iterator for FileSource {
         let frame = &self.frames[self.next];
         self.next += 1;
         Some(match frame {
-            Frame::File(p) => (p.display().to_string(), preprocess::load_rgb(p)),
+            Frame::File(p) => (
+                p.display().to_string(),
+                FrameData::Image(preprocess::load_rgb(p)),
+            ),
             Frame::Jpeg(data, range, i) => (
                 format!("frame {i}"),
-                preprocess::decode_rgb(&data[range.clone()]),
+                FrameData::Image(preprocess::decode_rgb(&data[range.clone()])),
             ),
         })
     }
@@ -360,7 +473,7 @@ mod tests {
             .unwrap()
             .take(3)
             .map(|(n, img)| {
-                assert!(img.is_ok());
+                assert!(img.decode().is_ok());
                 n
             })
             .collect();

@@ -1,0 +1,6 @@
+//! One file per subcommand.
+
+pub mod bench;
+pub mod classify;
+pub mod gpio;
+pub mod run;

@@ -1,0 +1,518 @@
+//! `petcam-device run`: the long-running program (camera → model → decision → pins, with
+//! telemetry), configured by flags and an optional TOML file.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use petcam_device::actuate::{self, Actuator};
+use petcam_device::agent::{self, Pace, Report};
+use petcam_device::decide::Decision;
+use petcam_device::source::camera::{Backoff, CameraNotice, CameraSettings, LiveSource};
+use petcam_device::source::{self, SourceSpec};
+use petcam_device::telemetry::{Live, Telemetry};
+use petcam_shared::protocol::{self, ErrorSource, Message, Role};
+
+/// Watch a source of frames, decide what it sees, drive output pins, report each change of
+/// decision, and send telemetry.
+///
+/// Ends when a file source ends (without --loop), after --max-frames, or on SIGINT/SIGTERM,
+/// with the outputs at their inactive level, the telemetry flushed and exit code 0. A camera
+/// that is missing or unplugged is waited for (with back-off) and reported, never a crash.
+///
+/// Every option can also be set in a TOML file given with --config, under the flag's long
+/// name with `_` for `-` (`gpio_chip = "/dev/gpiochip0"`, `pin = ["cat=17"]`,
+/// `loop = true`); flags given on the command line win.
+#[derive(Debug, Default, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunArgs {
+    /// Read options from this TOML file (see device/petcam.toml).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// The exported model (required here or in the config).
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// dir:PATH (images in name order), mjpeg:FILE (concatenated JPEG frames) or
+    /// camera:/dev/videoN (required here or in the config).
+    #[arg(long, value_name = "SRC")]
+    source: Option<SourceSpec>,
+    /// Start again at the first file when a dir: or mjpeg: source ends.
+    #[arg(long = "loop")]
+    #[serde(rename = "loop", default)]
+    looping: bool,
+    /// Camera: the frame rate to ask for [default: 30]. dir:/mjpeg: play the files like a
+    /// camera at this rate, dropping frames (oldest first) when inference is slower; without
+    /// it every file is classified.
+    #[arg(long, value_name = "FPS")]
+    fps: Option<f64>,
+    /// Camera frame width to ask for [default: 640].
+    #[arg(long, value_name = "PX")]
+    width: Option<u32>,
+    /// Camera frame height to ask for [default: 480].
+    #[arg(long, value_name = "PX")]
+    height: Option<u32>,
+    /// Decide on the mean probabilities of the last N frames [default: 3].
+    #[arg(long, value_name = "N")]
+    smooth: Option<usize>,
+    /// Below this smoothed probability the decision is `none` [default: 0.8].
+    #[arg(long, value_name = "P")]
+    threshold: Option<f32>,
+    /// Drive a GPIO line while a label is decided, e.g. --pin cat=17 --pin dog=27 (needs a
+    /// build with the `gpio` feature).
+    #[arg(long = "pin", value_name = "LABEL=LINE")]
+    #[serde(rename = "pin", default)]
+    pins: Vec<String>,
+    /// GPIO character device of the --pin lines [default: /dev/gpiochip0].
+    #[arg(long, value_name = "DEV")]
+    gpio_chip: Option<PathBuf>,
+    /// Threads for tract's matrix products [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Stop after this many classified frames.
+    #[arg(long, value_name = "N")]
+    max_frames: Option<u64>,
+    /// Send telemetry (postcard frames) on this serial port, e.g. /dev/ttyAMA0 or /dev/ttyUSB0;
+    /// it is reopened if it disappears.
+    #[arg(long, value_name = "PORT")]
+    serial: Option<PathBuf>,
+    /// Serial speed [default: 115200].
+    #[arg(long, value_name = "BAUD")]
+    baud: Option<u32>,
+    /// This device's name in telemetry [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    device_id: Option<String>,
+    /// JSON lines on stdout: one per decision change, camera state change and bad frame, then
+    /// a summary.
+    #[arg(long)]
+    #[serde(default)]
+    json: bool,
+}
+
+impl RunArgs {
+    /// Flags given on the command line win over the file's.
+    fn or(self, file: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config,
+            model: self.model.or(file.model),
+            source: self.source.or(file.source),
+            looping: self.looping || file.looping,
+            fps: self.fps.or(file.fps),
+            width: self.width.or(file.width),
+            height: self.height.or(file.height),
+            smooth: self.smooth.or(file.smooth),
+            threshold: self.threshold.or(file.threshold),
+            pins: if self.pins.is_empty() {
+                file.pins
+            } else {
+                self.pins
+            },
+            gpio_chip: self.gpio_chip.or(file.gpio_chip),
+            threads: self.threads.or(file.threads),
+            max_frames: self.max_frames.or(file.max_frames),
+            serial: self.serial.or(file.serial),
+            baud: self.baud.or(file.baud),
+            device_id: self.device_id.or(file.device_id),
+            json: self.json || file.json,
+        }
+    }
+}
+
+/// Reads a `--config` file.
+fn read_config(path: &Path) -> anyhow::Result<RunArgs> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "config file {}: {e}\nkeys are the long flag names of `petcam-device run --help` \
+             with `_` for `-`",
+            path.display()
+        )
+    })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "petcam".to_owned())
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
+    eprintln!("error: {msg}");
+    Ok(ExitCode::from(2))
+}
+
+/// Where reports go: stdout (text or JSON lines), the live figures for heartbeats, and the
+/// telemetry link. Shared by the capture thread (camera notices) and the inference loop.
+struct Reporter {
+    json: bool,
+    labels: Vec<String>,
+    start: Instant,
+    live: Mutex<Live>,
+    telemetry: Option<Telemetry>,
+}
+
+impl Reporter {
+    fn label(&self, d: Decision) -> Option<String> {
+        match d {
+            Decision::Label(i) => self.labels.get(i).cloned(),
+            Decision::Unsure => None,
+        }
+    }
+
+    fn at_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn send(&self, msg: Message) {
+        if let Some(t) = &self.telemetry {
+            t.send(msg);
+        }
+    }
+
+    fn error(&self, source: ErrorSource, message: String) {
+        self.send(Message::Error(protocol::ErrorReport {
+            at_ms: self.at_ms(),
+            source,
+            message,
+        }));
+    }
+
+    fn camera(&self, notice: CameraNotice) {
+        if self.json {
+            let mut line = serde_json::json!({"event": "camera", "message": notice.to_string()});
+            if let CameraNotice::Unavailable { devices, .. } = &notice {
+                line["devices"] = serde_json::json!(devices);
+            }
+            line["state"] = match &notice {
+                CameraNotice::Opened { .. } => "streaming",
+                CameraNotice::Unavailable { .. } => "unavailable",
+                CameraNotice::Lost { .. } => "lost",
+            }
+            .into();
+            println!("{line}");
+        } else {
+            eprintln!("{notice}");
+        }
+        if notice.is_error() {
+            tracing::warn!("{notice}");
+            self.error(ErrorSource::Camera, notice.to_string());
+        } else {
+            tracing::info!("{notice}");
+        }
+    }
+
+    fn report(&self, r: Report) {
+        match r {
+            Report::Classified {
+                infer_ms,
+                decision,
+                confidence,
+            } => {
+                let label = self.label(decision);
+                self.live
+                    .lock()
+                    .expect("live figures")
+                    .record(infer_ms as f32, label, confidence);
+            }
+            Report::Decision { frame, event } => {
+                let (from, to) = (
+                    agent::decision_label(event.from, &self.labels),
+                    agent::decision_label(event.to, &self.labels),
+                );
+                if self.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "event": "decision", "frame": frame, "from": from, "to": to,
+                            "confidence": event.confidence,
+                        })
+                    );
+                } else {
+                    println!("{frame}\t{from} -> {to}\t{:.3}", event.confidence);
+                }
+                let frames = self.live.lock().expect("live figures").frames();
+                self.send(Message::Event(protocol::Event {
+                    at_ms: self.at_ms(),
+                    frame: frames,
+                    from: self.label(event.from),
+                    to: self.label(event.to),
+                    confidence: event.confidence,
+                }));
+            }
+            Report::BadFrame { frame, error } => {
+                if self.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"event": "bad_frame", "frame": frame, "error": error})
+                    );
+                } else {
+                    eprintln!("{frame}: skipped: {error}");
+                }
+                self.error(ErrorSource::Camera, format!("{frame}: {error}"));
+            }
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let args = match &args.config {
+        Some(path) => match read_config(path) {
+            Ok(file) => args.or(file),
+            Err(e) => return usage_error(format!("{e:#}")),
+        },
+        None => args,
+    };
+    let Some(model_path) = args.model.clone() else {
+        return usage_error("no model: pass --model FILE or set `model` in the --config file");
+    };
+    let Some(spec) = args.source.clone() else {
+        return usage_error(
+            "no source: pass --source dir:PATH|mjpeg:FILE|camera:/dev/videoN or set `source` \
+             in the --config file",
+        );
+    };
+    let threshold = args.threshold.unwrap_or(0.8);
+    if !(0.0..=1.0).contains(&threshold) {
+        return usage_error(format!("--threshold {threshold} is not between 0 and 1"));
+    }
+    let fps = args.fps.filter(|f| *f > 0.0);
+
+    let model = crate::load(&model_path, crate::threads(args.threads))?;
+    let pins: Vec<(usize, u32)> = args
+        .pins
+        .iter()
+        .map(|spec| actuate::parse_pin(spec, &model.labels))
+        .collect::<Result<_, _>>()?;
+    let model_id = model.id();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .map_err(|e| anyhow::anyhow!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
+    }
+
+    let telemetry = args.serial.as_ref().map(|port| {
+        let hello = protocol::Hello::new(
+            Role::Device,
+            args.device_id.clone().unwrap_or_else(host_name),
+            env!("CARGO_PKG_VERSION").to_owned(),
+            model_id.clone(),
+        );
+        Telemetry::serial(port.clone(), args.baud.unwrap_or(115_200), hello)
+    });
+    let reporter = Arc::new(Reporter {
+        json: args.json,
+        labels: model.labels.clone(),
+        start: Instant::now(),
+        live: Mutex::new(Live::new(Instant::now())),
+        telemetry,
+    });
+
+    let (queue, capture) = match &spec {
+        SourceSpec::Dir(p) => {
+            let pace = fps.map_or(Pace::Wait, |f| {
+                Pace::Every(Duration::from_secs_f64(1.0 / f))
+            });
+            let frames = source::FileSource::dir(p, args.looping)?;
+            agent::spawn_capture(frames, pace, stop.clone())
+        }
+        SourceSpec::Mjpeg(p) => {
+            let pace = fps.map_or(Pace::Wait, |f| {
+                Pace::Every(Duration::from_secs_f64(1.0 / f))
+            });
+            let frames = source::FileSource::mjpeg(p, args.looping)?;
+            agent::spawn_capture(frames, pace, stop.clone())
+        }
+        SourceSpec::Camera(p) => {
+            if !cfg!(all(feature = "camera", target_os = "linux")) {
+                anyhow::bail!(
+                    "camera source {}: this petcam-device was built without camera support \
+                     (cargo feature `camera`, Linux); use dir: or mjpeg:",
+                    p.display()
+                );
+            }
+            let settings = CameraSettings {
+                path: p.clone(),
+                width: args.width.unwrap_or(640),
+                height: args.height.unwrap_or(480),
+                fps: fps.unwrap_or(30.0).round() as u32,
+            };
+            let r = reporter.clone();
+            let frames = LiveSource::new(
+                p.clone(),
+                camera_opener(settings),
+                Backoff::default(),
+                stop.clone(),
+                move |n| r.camera(n),
+            );
+            agent::spawn_capture(frames, Pace::Live, stop.clone())
+        }
+    };
+
+    // Heartbeats come from their own thread, so they keep coming while the camera is away.
+    let done = Arc::new(AtomicBool::new(false));
+    let heartbeat = reporter.telemetry.is_some().then(|| {
+        let (r, q, done, id) = (
+            reporter.clone(),
+            queue.clone(),
+            done.clone(),
+            model_id.clone(),
+        );
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                let period = Duration::from_secs(1);
+                let mut next = Instant::now() + period;
+                while petcam_device::retry::sleep_unless(
+                    next.saturating_duration_since(Instant::now()),
+                    || done.load(Ordering::Relaxed),
+                ) {
+                    next += period;
+                    let dropped = r.telemetry.as_ref().map_or(0, Telemetry::dropped);
+                    let hb = r.live.lock().expect("live figures").heartbeat(
+                        Instant::now(),
+                        q.dropped(),
+                        dropped,
+                        &id,
+                    );
+                    r.send(Message::Heartbeat(hb));
+                }
+            })
+            .expect("spawn the heartbeat thread")
+    });
+
+    let cfg = agent::RunConfig {
+        smooth: args.smooth.unwrap_or(3),
+        threshold,
+        max_frames: args.max_frames,
+    };
+    let r = reporter.clone();
+    let report = move |x: Report| r.report(x);
+    let stats = if pins.is_empty() {
+        let mut none = Actuator::<actuate::NoPin>::new(Vec::new())?;
+        agent::run_loop(&model, &queue, &cfg, &mut none, &stop, report)
+    } else {
+        let chip = args
+            .gpio_chip
+            .clone()
+            .unwrap_or_else(|| "/dev/gpiochip0".into());
+        match super::gpio::actuator(&chip, &pins) {
+            Ok(mut act) => agent::run_loop(&model, &queue, &cfg, &mut act, &stop, report),
+            Err(e) => {
+                reporter.error(ErrorSource::Gpio, format!("{e:#}"));
+                Err(agent::RunError::Pin(format!("{e:#}")))
+            }
+        }
+    };
+    // The capture thread ends once it sees the stop flag or a closed queue.
+    stop.store(true, Ordering::Relaxed);
+    queue.close();
+    let _ = capture.join();
+    done.store(true, Ordering::Relaxed);
+    if let Some(h) = heartbeat {
+        let _ = h.join();
+    }
+    if let Err(e) = &stats {
+        reporter.error(ErrorSource::Model, e.to_string());
+    }
+    // Everything queued for the link is written and flushed before exit.
+    let link = Arc::into_inner(reporter)
+        .and_then(|r| r.telemetry)
+        .map(Telemetry::finish);
+    let stats = stats?;
+    if args.json {
+        let mut summary = serde_json::to_value(&stats)?;
+        summary["event"] = "summary".into();
+        if let Some(link) = &link {
+            summary["telemetry"] = serde_json::to_value(link)?;
+        }
+        println!("{summary}");
+    } else {
+        println!(
+            "{} frames in {:.1} s ({:.1} fps), {} dropped, {} unreadable, {} decision changes; \
+             inference p50 {:.1} ms, preprocessing p50 {:.2} ms",
+            stats.frames,
+            stats.seconds,
+            stats.fps,
+            stats.dropped,
+            stats.bad_frames,
+            stats.events,
+            stats.infer.p50_ms,
+            stats.preprocess.p50_ms
+        );
+        if let Some(link) = &link {
+            println!(
+                "telemetry: {} messages, {} bytes, {} dropped, {} connection(s)",
+                link.messages, link.bytes, link.dropped, link.connects
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the camera with the V4L2 back-end, or explains how to get one.
+#[cfg(all(feature = "camera", target_os = "linux"))]
+fn camera_opener(
+    settings: CameraSettings,
+) -> impl FnMut() -> std::io::Result<Box<dyn petcam_device::source::camera::Camera>> {
+    move || petcam_device::source::camera::v4l2::open(&settings)
+}
+
+#[cfg(not(all(feature = "camera", target_os = "linux")))]
+fn camera_opener(
+    _settings: CameraSettings,
+) -> impl FnMut() -> std::io::Result<Box<dyn petcam_device::source::camera::Camera>> {
+    // Not reached: `run` refuses a camera source in such a build.
+    || Err(std::io::Error::other("no camera support in this build"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example config shipped for the Pi parses, with every documented key uncommented.
+    #[test]
+    fn the_example_config_parses_with_every_key() {
+        let text = include_str!("../../petcam.toml");
+        let file: RunArgs = toml::from_str(text).unwrap();
+        assert_eq!(file.source, Some(SourceSpec::Camera("/dev/video0".into())));
+        assert_eq!(file.pins, ["cat=17", "dog=27"]);
+        let all: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv) if kv.contains(" = ") && !kv.contains(':') => kv,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: RunArgs = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
+        assert_eq!(file.gpio_chip, Some("/dev/gpiochip0".into()));
+        assert_eq!(file.serial, Some("/dev/serial0".into()));
+        assert_eq!(
+            (file.width, file.height, file.baud),
+            (Some(640), Some(480), Some(115_200))
+        );
+        assert!(file.threshold.is_some() && file.smooth.is_some() && file.max_frames.is_some());
+    }
+
+    #[test]
+    fn command_line_flags_win_over_the_file() {
+        let file: RunArgs =
+            toml::from_str("threshold = 0.9\nsmooth = 5\npin = [\"cat=1\"]").unwrap();
+        let cli = RunArgs {
+            threshold: Some(0.6),
+            ..RunArgs::default()
+        };
+        let merged = cli.or(file);
+        assert_eq!(merged.threshold, Some(0.6));
+        assert_eq!(merged.smooth, Some(5));
+        assert_eq!(merged.pins, ["cat=1"]);
+    }
+}
