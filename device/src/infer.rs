@@ -18,6 +18,12 @@ use sha2::Digest;
 
 use crate::preprocess;
 
+/// Whether depthwise convolutions run on petcam-shared's kernel (the default) rather than
+/// tract's own: `PETCAM_TRACT_DEPTHWISE=1` keeps tract's, to compare the two.
+fn shared_depthwise() -> bool {
+    std::env::var_os("PETCAM_TRACT_DEPTHWISE").is_none_or(|v| v.is_empty() || v == "0")
+}
+
 /// A model's short id from its SHA-256: 12 hex digits, enough to tell models apart on a
 /// dashboard, short enough for every heartbeat.
 pub fn model_id(sha256: &[u8; 32]) -> String {
@@ -224,7 +230,14 @@ impl ExportedModel {
             .unwrap_or_default();
         let plan = tract_onnx::onnx()
             .model_for_proto_model(&proto)
-            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .and_then(|mut m| {
+                if shared_depthwise() {
+                    crate::depthwise::replace_depthwise(&mut m, threads)?;
+                }
+                m.into_optimized()
+            })
             .and_then(|m| {
                 let options = RunOptions {
                     executor: (threads > 1).then(|| Executor::multithread(threads)),

@@ -1,0 +1,359 @@
+//! tract's depthwise convolutions, replaced at load time by the kernel shared with the trainer
+//! (`petcam_shared::depthwise`).
+//!
+//! Depthwise layers are a large share of EfficientNet-Lite0's time in tract. The shared kernel
+//! is vectorised for the shapes of this network and, unlike tract's depthwise operator, spreads
+//! its channels over the threads the model was loaded with. The replacement is made on the
+//! decluttered graph, before tract's optimiser, for every float, channels-first (NCHW, or CHW
+//! once tract has dropped the batch axis), undilated depthwise `Conv` whose weights are
+//! constants; anything else (a channels-last layer) keeps tract's operator.
+
+use std::sync::Arc;
+
+use petcam_shared::depthwise::{Activation, DepthwiseConv};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+/// A depthwise convolution run by `petcam_shared`'s kernel, weights and bias held by the op.
+#[derive(Debug, Clone)]
+pub struct SharedDepthwise {
+    geometry: DepthwiseConv,
+    batch: usize,
+    /// The data has no batch axis (tract's decluttering leaves `C x H x W` for one image).
+    chw: bool,
+    weight: Arc<Vec<f32>>,
+    bias: Arc<Vec<f32>>,
+    threads: usize,
+}
+
+impl PartialEq for SharedDepthwise {
+    fn eq(&self, other: &Self) -> bool {
+        self.geometry == other.geometry
+            && self.batch == other.batch
+            && self.chw == other.chw
+            && self.weight == other.weight
+            && self.bias == other.bias
+            && self.threads == other.threads
+    }
+}
+
+// Weights and activation bounds are finite, so equality is reflexive.
+impl Eq for SharedDepthwise {}
+
+/// Below this many output values per channel group, a second thread costs more than it saves.
+const MIN_PER_THREAD: usize = 16 * 1024;
+
+impl SharedDepthwise {
+    fn out_shape(&self) -> TVec<usize> {
+        let g = &self.geometry;
+        if self.chw {
+            tvec!(g.channels, g.out_h(), g.out_w())
+        } else {
+            tvec!(self.batch, g.channels, g.out_h(), g.out_w())
+        }
+    }
+
+    fn run(&self, input: &[f32], output: &mut [f32]) {
+        let g = &self.geometry;
+        let (in_plane, out_plane, k_len) =
+            (g.input_plane_len(), g.output_plane_len(), g.kernel_len());
+        // One image's channels are independent: split them into contiguous runs, one per thread.
+        let planes = self.batch * g.channels;
+        let threads = self
+            .threads
+            .min((planes * out_plane) / MIN_PER_THREAD)
+            .clamp(1, planes.max(1));
+        let per = planes.div_ceil(threads);
+        let work = |first: usize, out: &mut [f32]| {
+            let mut scratch = Vec::new();
+            for (i, o) in out.chunks_exact_mut(out_plane).enumerate() {
+                let p = first + i;
+                let c = p % g.channels;
+                g.run_channel_with_scratch(
+                    c,
+                    &input[p * in_plane..(p + 1) * in_plane],
+                    &self.weight[c * k_len..(c + 1) * k_len],
+                    self.bias[c],
+                    o,
+                    &mut scratch,
+                );
+            }
+        };
+        // tract runs a plan with its thread pool installed for the current thread; the
+        // channels go to that pool, so no thread is created per call.
+        match tract_linalg::multithread::current_tract_executor() {
+            tract_linalg::multithread::Executor::MultiThread(pool) if threads > 1 => {
+                pool.scope(|s| {
+                    for (t, out) in output.chunks_mut(per * out_plane).enumerate() {
+                        s.spawn(move |_| work(t * per, out));
+                    }
+                });
+            }
+            _ => work(0, output),
+        }
+    }
+}
+
+impl Op for SharedDepthwise {
+    fn name(&self) -> StaticName {
+        "PetcamDepthwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        Ok(vec![format!(
+            "{}x{} stride {} on {}x{}x{}, {} thread(s)",
+            g.kernel_h, g.kernel_w, g.stride_h, g.channels, g.in_h, g.in_w, self.threads
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for SharedDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let input = input.try_as_plain_ram()?.as_slice::<f32>()?;
+        let g = &self.geometry;
+        ensure!(input.len() == self.batch * g.channels * g.input_plane_len());
+        let mut output = Tensor::zero::<f32>(&self.out_shape())?;
+        self.run(input, output.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for SharedDepthwise {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&*self.out_shape())))
+    }
+
+    as_op!();
+}
+
+/// The shared-kernel op for `node`, when it is a depthwise convolution the kernel covers.
+fn replacement(
+    model: &TypedModel,
+    node: &TypedNode,
+    threads: usize,
+) -> TractResult<Option<SharedDepthwise>> {
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let channels = conv.input_channels();
+    let spec = &conv.pool_spec;
+    if conv.q_params.is_some()
+        || conv.group != channels
+        || conv.output_channels() != channels
+        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.kernel_shape.len() != 2
+        || spec.dilations().iter().any(|&d| d != 1)
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let Some(shape) = fact.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let chw = spec.data_format == DataFormat::CHW;
+    // [N, C, H, W], or [C, H, W] for one image.
+    let (batch, dims) = match (chw, shape) {
+        (false, &[n, c, h, w]) => (n, [c, h, w]),
+        (true, &[c, h, w]) => (1, [c, h, w]),
+        _ => return Ok(None),
+    };
+    if fact.datum_type != f32::datum_type() || dims[0] != channels {
+        return Ok(None);
+    }
+    let konst = |i: usize| model.outlet_fact(node.inputs[i]).map(|f| f.konst.clone());
+    let (Some(weight), Some(bias)) = (konst(1)?, konst(2)?) else {
+        return Ok(None);
+    };
+    let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+    if weight.datum_type() != f32::datum_type() || weight.len() != channels * kh * kw {
+        return Ok(None);
+    }
+    let bias: Vec<f32> = match bias.len() {
+        0 => vec![0.0; channels],
+        1 => vec![bias.cast_to_scalar::<f32>()?; channels],
+        n if n == channels => bias
+            .cast_to::<f32>()?
+            .try_as_plain_ram()?
+            .as_slice::<f32>()?
+            .to_vec(),
+        _ => return Ok(None),
+    };
+    let (h, w) = (dims[1], dims[2]);
+    let padding = spec.computed_padding(&[h, w]);
+    let strides = spec.strides();
+    let geometry = DepthwiseConv {
+        channels,
+        in_h: h,
+        in_w: w,
+        kernel_h: kh,
+        kernel_w: kw,
+        stride_h: strides[0],
+        stride_w: strides[1],
+        pad_top: padding[0].pad_before,
+        pad_left: padding[1].pad_before,
+        pad_bottom: padding[0].pad_after,
+        pad_right: padding[1].pad_after,
+        activation: Activation::None,
+    };
+    if geometry.out_h() != padding[0].convoluted || geometry.out_w() != padding[1].convoluted {
+        return Ok(None);
+    }
+    Ok(Some(SharedDepthwise {
+        geometry,
+        batch,
+        chw,
+        weight: Arc::new(weight.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
+        bias: Arc::new(bias),
+        threads: threads.max(1),
+    }))
+}
+
+/// Replaces every depthwise convolution of a decluttered `model` that the shared kernel covers;
+/// returns how many were replaced.
+pub fn replace_depthwise(model: &mut TypedModel, threads: usize) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = &model.nodes[id];
+        if let Some(op) = replacement(model, node, threads)? {
+            let patch = TypedModelPatch::replace_single_op(model, node, &[node.inputs[0]], op)?;
+            patch.apply(model)?;
+            replaced += 1;
+        }
+    }
+    if replaced > 0 {
+        *model = model.clone().into_compact()?;
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+
+    /// A one-layer model: a depthwise convolution with random weights and bias.
+    fn depthwise_model(
+        c: usize,
+        hw: (usize, usize),
+        k: usize,
+        stride: usize,
+        padding: PaddingSpec,
+        seed: u64,
+    ) -> TypedModel {
+        let mut rng = seed;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((rng >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let mut model = TypedModel::default();
+        let x = model
+            .add_source("x", f32::fact([1, c, hw.0, hw.1]))
+            .unwrap();
+        let w = model
+            .add_const(
+                "w",
+                Tensor::from_shape(&[c, 1, k, k], &random(c * k * k)).unwrap(),
+            )
+            .unwrap();
+        let b = model
+            .add_const("b", Tensor::from_shape(&[c], &random(c)).unwrap())
+            .unwrap();
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec!(k, k),
+                padding,
+                dilations: None,
+                strides: Some(tvec!(stride, stride)),
+                input_channels: c,
+                output_channels: c,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: c,
+            q_params: None,
+        };
+        let y = model.wire_node("conv", conv, &[x, w, b]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    fn random_input(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn the_shared_kernel_matches_tracts_own_depthwise_on_random_inputs() {
+        let cases = [
+            (32, (112, 112), 3, 1, PaddingSpec::SameUpper),
+            (96, (112, 112), 3, 2, PaddingSpec::SameUpper),
+            (144, (56, 56), 5, 2, PaddingSpec::SameUpper),
+            (240, (28, 28), 5, 1, PaddingSpec::SameUpper),
+            (7, (9, 13), 3, 1, PaddingSpec::Valid),
+            (
+                5,
+                (10, 11),
+                5,
+                2,
+                PaddingSpec::ExplicitOnnxPool(tvec!(2, 1), tvec!(1, 2), false),
+            ),
+        ];
+        for (i, (c, hw, k, stride, padding)) in cases.into_iter().enumerate() {
+            for threads in [1, 2] {
+                let model = depthwise_model(c, hw, k, stride, padding.clone(), i as u64);
+                let mut ours = model.clone().into_decluttered().unwrap();
+                assert_eq!(
+                    replace_depthwise(&mut ours, threads).unwrap(),
+                    1,
+                    "case {i}"
+                );
+                let tract = model.into_optimized().unwrap().into_runnable().unwrap();
+                let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
+                let x = Tensor::from_shape(
+                    &[1, c, hw.0, hw.1],
+                    &random_input(c * hw.0 * hw.1, i as u32),
+                )
+                .unwrap();
+                let want = tract.run(tvec!(x.clone().into())).unwrap().remove(0);
+                // With 2 threads, the way a plan runs with `RunOptions { executor }`.
+                let executor = if threads > 1 {
+                    tract_linalg::multithread::Executor::multithread(threads)
+                } else {
+                    tract_linalg::multithread::Executor::SingleThread
+                };
+                let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                    ours.run(tvec!(x.into())).unwrap().remove(0)
+                });
+                assert_eq!(want.shape(), got.shape(), "case {i}");
+                let want = want.to_plain_array_view::<f32>().unwrap();
+                let got = got.to_plain_array_view::<f32>().unwrap();
+                let worst = want
+                    .iter()
+                    .zip(got.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "case {i}, {threads} thread(s): max difference {worst}"
+                );
+            }
+        }
+    }
+}
