@@ -13,6 +13,7 @@ use std::sync::Arc;
 use petcam_shared::depthwise::{Activation, DepthwiseConv};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
@@ -218,22 +219,89 @@ fn replacement(
     }))
 }
 
-/// Replaces every depthwise convolution of a decluttered `model` that the shared kernel covers;
-/// returns how many were replaced.
-pub fn replace_depthwise(model: &mut TypedModel, threads: usize) -> TractResult<usize> {
-    let mut replaced = 0;
+/// The constant scalar of a `Max` or `Min` node whose other input comes from `from`.
+fn scalar_operand(
+    model: &TypedModel,
+    node: &TypedNode,
+    from: usize,
+) -> Option<(&'static str, f32)> {
+    let op = node.op_as::<TypedBinOp>()?;
+    let name = op.0.name();
+    if !matches!(name, "Max" | "Min") || node.inputs.len() != 2 {
+        return None;
+    }
+    let other = node.inputs.iter().find(|i| i.node != from)?;
+    if node.inputs.iter().filter(|i| i.node == from).count() != 1 {
+        return None;
+    }
+    let k = model.outlet_fact(*other).ok()?.konst.clone()?;
+    if k.len() != 1 {
+        return None;
+    }
+    Some((name, k.cast_to_scalar::<f32>().ok()?))
+}
+
+/// The clamp (ReLU6 is `Max(x, 0)` then `Min(x, 6)` once decluttered) that follows node `id`
+/// and nothing else reads in between: its bounds and the node whose output it ends at.
+fn clamp_after(model: &TypedModel, id: usize) -> TractResult<Option<(f32, f32, usize)>> {
+    let is_output = |n: usize| model.outputs.contains(&OutletId::new(n, 0));
+    let Some(first) = model.single_succ(id)? else {
+        return Ok(None);
+    };
+    let Some(second) = model.single_succ(first.id)? else {
+        return Ok(None);
+    };
+    if is_output(id) || is_output(first.id) {
+        return Ok(None);
+    }
+    let (Some(a), Some(b)) = (
+        scalar_operand(model, first, id),
+        scalar_operand(model, second, first.id),
+    ) else {
+        return Ok(None);
+    };
+    let (lo, hi) = match (a, b) {
+        (("Max", lo), ("Min", hi)) | (("Min", hi), ("Max", lo)) => (lo, hi),
+        _ => return Ok(None),
+    };
+    // With lo > hi the two orders differ; leave such a graph to tract.
+    Ok((lo <= hi).then_some((lo, hi, second.id)))
+}
+
+/// What [`replace_depthwise`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replaced {
+    pub depthwise: usize,
+    /// Clamps (ReLU6) fused into a replaced depthwise convolution.
+    pub clamps: usize,
+}
+
+/// Replaces every depthwise convolution of a decluttered `model` that the shared kernel covers,
+/// with the clamp that follows it (ReLU6) fused into the kernel's output.
+pub fn replace_depthwise(model: &mut TypedModel, threads: usize) -> TractResult<Replaced> {
+    let mut done = Replaced::default();
     for id in model.eval_order()? {
         let node = &model.nodes[id];
-        if let Some(op) = replacement(model, node, threads)? {
-            let patch = TypedModelPatch::replace_single_op(model, node, &[node.inputs[0]], op)?;
-            patch.apply(model)?;
-            replaced += 1;
+        let Some(mut op) = replacement(model, node, threads)? else {
+            continue;
+        };
+        let mut output = OutletId::new(id, 0);
+        if let Some((min, max, last)) = clamp_after(model, id)? {
+            op.geometry.activation = Activation::Clamp { min, max };
+            output = OutletId::new(last, 0);
+            done.clamps += 1;
         }
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let y = patch.wire_node(&node.name, op, &[x])?[0];
+        patch.shunt_outside(model, output, y)?;
+        patch.apply(model)?;
+        done.depthwise += 1;
     }
-    if replaced > 0 {
+    if done.depthwise > 0 {
         *model = model.clone().into_compact()?;
     }
-    Ok(replaced)
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -249,6 +317,7 @@ mod tests {
         stride: usize,
         padding: PaddingSpec,
         seed: u64,
+        relu6: bool,
     ) -> TypedModel {
         let mut rng = seed;
         let mut random = |n: usize| -> Vec<f32> {
@@ -288,14 +357,34 @@ mod tests {
             group: c,
             q_params: None,
         };
-        let y = model.wire_node("conv", conv, &[x, w, b]).unwrap();
+        let mut y = model.wire_node("conv", conv, &[x, w, b]).unwrap();
+        if relu6 {
+            // As tract declutters ONNX's Clip(0, 6).
+            let zero = model.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
+            let six = model.add_const("six", tensor4(&[[[[6f32]]]])).unwrap();
+            y = model
+                .wire_node(
+                    "max",
+                    tract_onnx::tract_core::ops::math::max(),
+                    &[y[0], zero],
+                )
+                .unwrap();
+            y = model
+                .wire_node(
+                    "min",
+                    tract_onnx::tract_core::ops::math::min(),
+                    &[y[0], six],
+                )
+                .unwrap();
+        }
         model.select_output_outlets(&y).unwrap();
         model
     }
 
     fn random_input(len: usize, seed: u32) -> Vec<f32> {
+        // -8..8, so the weighted sums cross both ReLU6 bounds.
         (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 125.0 - 8.0)
             .collect()
     }
 
@@ -316,12 +405,17 @@ mod tests {
             ),
         ];
         for (i, (c, hw, k, stride, padding)) in cases.into_iter().enumerate() {
-            for threads in [1, 2] {
-                let model = depthwise_model(c, hw, k, stride, padding.clone(), i as u64);
+            for (threads, relu6) in [(1, false), (2, false), (1, true), (2, true)] {
+                let model = depthwise_model(c, hw, k, stride, padding.clone(), i as u64, relu6);
                 let mut ours = model.clone().into_decluttered().unwrap();
+                let done = replace_depthwise(&mut ours, threads).unwrap();
+                let clamps = usize::from(relu6);
                 assert_eq!(
-                    replace_depthwise(&mut ours, threads).unwrap(),
-                    1,
+                    done,
+                    Replaced {
+                        depthwise: 1,
+                        clamps
+                    },
                     "case {i}"
                 );
                 let tract = model.into_optimized().unwrap().into_runnable().unwrap();
@@ -344,15 +438,22 @@ mod tests {
                 assert_eq!(want.shape(), got.shape(), "case {i}");
                 let want = want.to_plain_array_view::<f32>().unwrap();
                 let got = got.to_plain_array_view::<f32>().unwrap();
+                // Summation order differs: compare relative to the largest output.
+                let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
                 let worst = want
                     .iter()
                     .zip(got.iter())
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0f32, f32::max);
                 assert!(
-                    worst < 1e-4,
-                    "case {i}, {threads} thread(s): max difference {worst}"
+                    worst <= 1e-5 * scale,
+                    "case {i}, {threads} thread(s), relu6 {relu6}: max difference {worst}"
                 );
+                if relu6 {
+                    // Both bounds are reached, so the fused clamp is exercised.
+                    assert!(want.iter().any(|&v| v == 0.0) && want.iter().any(|&v| v == 6.0));
+                    assert!(got.iter().all(|&v| (0.0..=6.0).contains(&v)));
+                }
             }
         }
     }

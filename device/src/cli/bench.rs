@@ -13,7 +13,7 @@ pub struct BenchArgs {
     /// The exported model.
     #[arg(long, value_name = "FILE")]
     model: PathBuf,
-    /// Threads for tract's matrix products [default: all cores].
+    /// Inference threads (matrix products and depthwise layers) [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
     /// Timed inferences (after one warm-up).

@@ -19,7 +19,7 @@ pub struct ClassifyArgs {
     /// Image files or folders (searched recursively, in name order).
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
-    /// Threads for tract's matrix products [default: all cores].
+    /// Inference threads (matrix products and depthwise layers) [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
     /// JSON lines: path, label, confidence, probabilities, latency_ms (or path and error).

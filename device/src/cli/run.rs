@@ -68,7 +68,7 @@ pub struct RunArgs {
     /// GPIO character device of the --pin lines [default: /dev/gpiochip0].
     #[arg(long, value_name = "DEV")]
     gpio_chip: Option<PathBuf>,
-    /// Threads for tract's matrix products [default: all cores].
+    /// Inference threads (matrix products and depthwise layers) [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
     /// Stop after this many classified frames.
