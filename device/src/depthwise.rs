@@ -299,7 +299,7 @@ pub fn replace_depthwise(model: &mut TypedModel, threads: usize) -> TractResult<
         done.depthwise += 1;
     }
     if done.depthwise > 0 {
-        *model = model.clone().into_compact()?;
+        *model = std::mem::take(model).into_compact()?;
     }
     Ok(done)
 }

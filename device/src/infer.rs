@@ -375,7 +375,7 @@ impl Latency {
             };
         }
         ms.sort_by(f64::total_cmp);
-        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        let at = |q: f64| percentile(&ms, q).unwrap_or(f64::NAN);
         Self {
             runs: ms.len(),
             p50_ms: at(0.5),
@@ -384,6 +384,12 @@ impl Latency {
             mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
         }
     }
+}
+
+/// The `q` quantile (0..=1) of `sorted` samples: the nearest rank, no interpolation.
+pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[(last as f64 * q).round() as usize])
 }
 
 /// Times `runs` inferences of each model on `rgb`, on the calling thread. The models take

@@ -174,6 +174,8 @@ pub struct Live {
     last_beat: Option<(Instant, u64)>,
     decision: Option<String>,
     confidence: f32,
+    /// The CPU's thermal zone, found once: the heartbeat only reads its temperature.
+    thermal_zone: Option<PathBuf>,
 }
 
 /// Inference times a heartbeat's percentiles are taken over.
@@ -194,6 +196,7 @@ impl Live {
             last_beat: None,
             decision: None,
             confidence: 0.0,
+            thermal_zone: cpu_thermal_zone(Path::new("/sys/class/thermal")),
         }
     }
 
@@ -203,13 +206,16 @@ impl Live {
     }
 
     /// One classified frame.
-    pub fn record(&mut self, infer_ms: f32, decision: Option<String>, confidence: f32) {
+    pub fn record(&mut self, infer_ms: f32, decision: Option<&str>, confidence: f32) {
         self.frames += 1;
         if self.recent_ms.len() == WINDOW {
             self.recent_ms.pop_front();
         }
         self.recent_ms.push_back(infer_ms);
-        self.decision = decision;
+        // A decision holds for many frames: only a change costs an allocation.
+        if self.decision.as_deref() != decision {
+            self.decision = decision.map(str::to_owned);
+        }
         self.confidence = confidence;
     }
 
@@ -231,13 +237,7 @@ impl Live {
         self.last_beat = Some((now, self.frames));
         let mut sorted: Vec<f32> = self.recent_ms.iter().copied().collect();
         sorted.sort_by(f32::total_cmp);
-        let pct = |p: f32| -> f32 {
-            if sorted.is_empty() {
-                return 0.0;
-            }
-            let i = ((sorted.len() - 1) as f32 * p).round() as usize;
-            sorted[i]
-        };
+        let pct = |q: f64| crate::infer::percentile(&sorted, q).unwrap_or(0.0);
         Heartbeat {
             uptime_ms: now.saturating_duration_since(self.start).as_millis() as u64,
             frames: self.frames,
@@ -246,7 +246,7 @@ impl Live {
             infer_p95_ms: pct(0.95),
             frames_dropped,
             telemetry_dropped,
-            cpu_temp_c: cpu_temperature_c(),
+            cpu_temp_c: self.thermal_zone.as_deref().and_then(zone_temperature_c),
             model_id: model_id.to_owned(),
             decision: self.decision.clone(),
             confidence: self.confidence,
@@ -254,13 +254,9 @@ impl Live {
     }
 }
 
-/// The CPU temperature from `/sys/class/thermal` (the zone named for the CPU, else the first),
-/// in °C; `None` where the machine does not expose one.
-pub fn cpu_temperature_c() -> Option<f32> {
-    cpu_temperature_in(Path::new("/sys/class/thermal"))
-}
-
-fn cpu_temperature_in(root: &Path) -> Option<f32> {
+/// The thermal zone under `root` (`/sys/class/thermal`) named for the CPU, else the first;
+/// `None` where the machine exposes none.
+fn cpu_thermal_zone(root: &Path) -> Option<PathBuf> {
     let mut zones: Vec<PathBuf> = std::fs::read_dir(root)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -277,7 +273,12 @@ fn cpu_temperature_in(root: &Path) -> Option<f32> {
             t.contains("cpu") || t == "x86_pkg_temp" || t == "soc_thermal"
         })
     };
-    let zone = zones.iter().find(|z| is_cpu(z)).or_else(|| zones.first())?;
+    let cpu = zones.iter().position(is_cpu).unwrap_or(0);
+    (!zones.is_empty()).then(|| zones.swap_remove(cpu))
+}
+
+/// A thermal zone's temperature in °C.
+fn zone_temperature_c(zone: &Path) -> Option<f32> {
     let milli: f32 = std::fs::read_to_string(zone.join("temp"))
         .ok()?
         .trim()
@@ -416,7 +417,7 @@ mod tests {
         let t0 = Instant::now();
         let mut live = Live::new(t0);
         for i in 0..20 {
-            live.record(10.0 + i as f32, Some("cat".into()), 0.9);
+            live.record(10.0 + i as f32, Some("cat"), 0.9);
         }
         let hb = live.heartbeat(t0 + Duration::from_secs(2), 3, 1, "abc");
         assert_eq!(hb.frames, 20);
@@ -445,7 +446,8 @@ mod tests {
             std::fs::write(z.join("type"), format!("{kind}\n")).unwrap();
             std::fs::write(z.join("temp"), format!("{temp}\n")).unwrap();
         }
-        assert_eq!(cpu_temperature_in(dir.path()), Some(51.234));
-        assert_eq!(cpu_temperature_in(&dir.path().join("absent")), None);
+        let temperature = |root: &Path| cpu_thermal_zone(root).and_then(|z| zone_temperature_c(&z));
+        assert_eq!(temperature(dir.path()), Some(51.234));
+        assert_eq!(temperature(&dir.path().join("absent")), None);
     }
 }

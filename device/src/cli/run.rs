@@ -158,9 +158,9 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn label(&self, d: Decision) -> Option<String> {
+    fn label(&self, d: Decision) -> Option<&str> {
         match d {
-            Decision::Label(i) => self.labels.get(i).cloned(),
+            Decision::Label(i) => self.labels.get(i).map(String::as_str),
             Decision::Unsure => None,
         }
     }
@@ -214,11 +214,11 @@ impl Reporter {
                 decision,
                 confidence,
             } => {
-                let label = self.label(decision);
-                self.live
-                    .lock()
-                    .expect("live figures")
-                    .record(infer_ms as f32, label, confidence);
+                self.live.lock().expect("live figures").record(
+                    infer_ms as f32,
+                    self.label(decision),
+                    confidence,
+                );
             }
             Report::Decision { frame, event } => {
                 let (from, to) = (
@@ -240,8 +240,8 @@ impl Reporter {
                 self.send(Message::Event(protocol::Event {
                     at_ms: self.at_ms(),
                     frame: frames,
-                    from: self.label(event.from),
-                    to: self.label(event.to),
+                    from: self.label(event.from).map(str::to_owned),
+                    to: self.label(event.to).map(str::to_owned),
                     confidence: event.confidence,
                 }));
             }
@@ -315,20 +315,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         telemetry,
     });
 
+    // Files are paced like a camera only when --fps asks for it.
+    let file_pace = fps.map_or(Pace::Wait, |f| {
+        Pace::Every(Duration::from_secs_f64(1.0 / f))
+    });
     let (queue, capture) = match &spec {
         SourceSpec::Dir(p) => {
-            let pace = fps.map_or(Pace::Wait, |f| {
-                Pace::Every(Duration::from_secs_f64(1.0 / f))
-            });
             let frames = source::FileSource::dir(p, args.looping)?;
-            agent::spawn_capture(frames, pace, stop.clone())
+            agent::spawn_capture(frames, file_pace, stop.clone())
         }
         SourceSpec::Mjpeg(p) => {
-            let pace = fps.map_or(Pace::Wait, |f| {
-                Pace::Every(Duration::from_secs_f64(1.0 / f))
-            });
             let frames = source::FileSource::mjpeg(p, args.looping)?;
-            agent::spawn_capture(frames, pace, stop.clone())
+            agent::spawn_capture(frames, file_pace, stop.clone())
         }
         SourceSpec::Camera(p) => {
             if !cfg!(all(feature = "camera", target_os = "linux")) {
