@@ -4,9 +4,11 @@
 //! Depthwise layers are a large share of EfficientNet-Lite0's time in tract. The shared kernel
 //! is vectorised for the shapes of this network and, unlike tract's depthwise operator, spreads
 //! its channels over the threads the model was loaded with. The replacement is made on the
-//! decluttered graph, before tract's optimiser, for every float, channels-first (NCHW, or CHW
-//! once tract has dropped the batch axis), undilated depthwise `Conv` whose weights are
-//! constants; anything else (a channels-last layer) keeps tract's operator.
+//! decluttered graph, before tract's optimiser, for every float, undilated depthwise `Conv`
+//! whose weights are constants. Channels-first layers (NCHW, or CHW once tract has dropped the
+//! batch axis) run the shared kernel channel by channel; channels-last ones (NHWC, HWC: tract
+//! keeps the first depthwise layer after the stem so) run a kernel here that vectorises across
+//! channels, split by output rows.
 
 use std::sync::Arc;
 
@@ -17,13 +19,30 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+/// How the op's input and output are laid out. Without a batch axis (`Chw`, `Hwc`) is how
+/// tract's decluttering leaves one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Nchw,
+    Chw,
+    Nhwc,
+    Hwc,
+}
+
+impl Layout {
+    fn channels_last(self) -> bool {
+        matches!(self, Layout::Nhwc | Layout::Hwc)
+    }
+}
+
 /// A depthwise convolution run by `petcam_shared`'s kernel, weights and bias held by the op.
 #[derive(Debug, Clone)]
 pub struct SharedDepthwise {
     geometry: DepthwiseConv,
     batch: usize,
-    /// The data has no batch axis (tract's decluttering leaves `C x H x W` for one image).
-    chw: bool,
+    layout: Layout,
+    /// `C x kh x kw` for channels-first layouts; `kh x kw x C` for channels-last, so a tap's
+    /// weights for all channels are adjacent, as the pixels they multiply are.
     weight: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
     threads: usize,
@@ -33,7 +52,7 @@ impl PartialEq for SharedDepthwise {
     fn eq(&self, other: &Self) -> bool {
         self.geometry == other.geometry
             && self.batch == other.batch
-            && self.chw == other.chw
+            && self.layout == other.layout
             && self.weight == other.weight
             && self.bias == other.bias
             && self.threads == other.threads
@@ -49,14 +68,19 @@ const MIN_PER_THREAD: usize = 16 * 1024;
 impl SharedDepthwise {
     fn out_shape(&self) -> TVec<usize> {
         let g = &self.geometry;
-        if self.chw {
-            tvec!(g.channels, g.out_h(), g.out_w())
-        } else {
-            tvec!(self.batch, g.channels, g.out_h(), g.out_w())
+        let (c, h, w) = (g.channels, g.out_h(), g.out_w());
+        match self.layout {
+            Layout::Nchw => tvec!(self.batch, c, h, w),
+            Layout::Chw => tvec!(c, h, w),
+            Layout::Nhwc => tvec!(self.batch, h, w, c),
+            Layout::Hwc => tvec!(h, w, c),
         }
     }
 
     fn run(&self, input: &[f32], output: &mut [f32]) {
+        if self.layout.channels_last() {
+            return self.run_channels_last(input, output);
+        }
         let g = &self.geometry;
         let (in_plane, out_plane, k_len) =
             (g.input_plane_len(), g.output_plane_len(), g.kernel_len());
@@ -94,6 +118,145 @@ impl SharedDepthwise {
             }
             _ => work(0, output),
         }
+    }
+}
+
+impl SharedDepthwise {
+    /// Channels-last: each output pixel is `bias + sum over taps of pixel * weight`, all
+    /// channels at once; output rows are split over the threads.
+    fn run_channels_last(&self, input: &[f32], output: &mut [f32]) {
+        let g = &self.geometry;
+        let row_len = g.out_w() * g.channels;
+        let (in_image, out_image) = (g.in_h * g.in_w * g.channels, g.out_h() * row_len);
+        let rows = self.batch * g.out_h();
+        let threads = self
+            .threads
+            .min(output.len() / MIN_PER_THREAD)
+            .clamp(1, rows.max(1));
+        let per = rows.div_ceil(threads);
+        let work = |first: usize, out: &mut [f32]| {
+            for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
+                let (n, oy) = ((first + i) / g.out_h(), (first + i) % g.out_h());
+                let image = &input[n * in_image..(n + 1) * in_image];
+                hwc_row(g, image, &self.weight, &self.bias, oy, row);
+            }
+        };
+        debug_assert_eq!(output.len(), self.batch * out_image);
+        match tract_linalg::multithread::current_tract_executor() {
+            tract_linalg::multithread::Executor::MultiThread(pool) if threads > 1 => {
+                pool.scope(|s| {
+                    for (t, out) in output.chunks_mut(per * row_len).enumerate() {
+                        s.spawn(move |_| work(t * per, out));
+                    }
+                });
+            }
+            _ => work(0, output),
+        }
+    }
+}
+
+/// One output row of a channels-last depthwise convolution.
+fn hwc_row(
+    g: &DepthwiseConv,
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { hwc_row_avx2(g, image, weight, bias, oy, row) };
+    }
+    hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, image, weight, bias, oy, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hwc_row_avx2(
+    g: &DepthwiseConv,
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    hwc_row_generic::<true>(g, image, weight, bias, oy, row)
+}
+
+/// `FMA`: multiply-add in one rounding, for targets where that is one instruction (it is a
+/// slow library call elsewhere). The channel loops are plain slices, which the compiler
+/// vectorises.
+#[inline(always)]
+fn hwc_row_generic<const FMA: bool>(
+    g: &DepthwiseConv,
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    let c = g.channels;
+    let (lo, hi) = match g.activation {
+        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        Activation::Clamp { min, max } => (min, max),
+    };
+    for (ox, out) in row.chunks_exact_mut(c).enumerate() {
+        // Blocks of 32 channels: the accumulators stay in registers across all the taps.
+        let mut first = 0;
+        while first < c {
+            let n = (c - first).min(BLOCK);
+            let mut acc = [0f32; BLOCK];
+            acc[..n].copy_from_slice(&bias[first..first + n]);
+            for ky in 0..g.kernel_h {
+                let Some(iy) = (oy * g.stride_h + ky)
+                    .checked_sub(g.pad_top)
+                    .filter(|&y| y < g.in_h)
+                else {
+                    continue;
+                };
+                for kx in 0..g.kernel_w {
+                    let Some(ix) = (ox * g.stride_w + kx)
+                        .checked_sub(g.pad_left)
+                        .filter(|&x| x < g.in_w)
+                    else {
+                        continue;
+                    };
+                    let pixel = &image[(iy * g.in_w + ix) * c + first..][..n];
+                    let w = &weight[(ky * g.kernel_w + kx) * c + first..][..n];
+                    if n == BLOCK {
+                        // Fixed length: unrolled into whole vector registers.
+                        let (pixel, w) = (&pixel[..BLOCK], &w[..BLOCK]);
+                        for j in 0..BLOCK {
+                            acc[j] = madd::<FMA>(pixel[j], w[j], acc[j]);
+                        }
+                    } else {
+                        for j in 0..n {
+                            acc[j] = madd::<FMA>(pixel[j], w[j], acc[j]);
+                        }
+                    }
+                }
+            }
+            for (o, &v) in out[first..first + n].iter_mut().zip(&acc[..n]) {
+                // Comparisons, not `f32::clamp`: no panic on odd bounds, NaN passes through.
+                let v = if v < lo { lo } else { v };
+                *o = if v > hi { hi } else { v };
+            }
+            first += n;
+        }
+    }
+}
+
+/// Channels per register block of the channels-last kernel.
+const BLOCK: usize = 32;
+
+#[inline(always)]
+fn madd<const FMA: bool>(x: f32, w: f32, acc: f32) -> f32 {
+    if FMA {
+        x.mul_add(w, acc)
+    } else {
+        acc + x * w
     }
 }
 
@@ -149,7 +312,6 @@ fn replacement(
     if conv.q_params.is_some()
         || conv.group != channels
         || conv.output_channels() != channels
-        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.kernel_shape.len() != 2
         || spec.dilations().iter().any(|&d| d != 1)
@@ -161,11 +323,18 @@ fn replacement(
     let Some(shape) = fact.shape.as_concrete() else {
         return Ok(None);
     };
-    let chw = spec.data_format == DataFormat::CHW;
-    // [N, C, H, W], or [C, H, W] for one image.
-    let (batch, dims) = match (chw, shape) {
-        (false, &[n, c, h, w]) => (n, [c, h, w]),
-        (true, &[c, h, w]) => (1, [c, h, w]),
+    let layout = match spec.data_format {
+        DataFormat::NCHW => Layout::Nchw,
+        DataFormat::CHW => Layout::Chw,
+        DataFormat::NHWC => Layout::Nhwc,
+        DataFormat::HWC => Layout::Hwc,
+    };
+    // As [N, C, H, W].
+    let (batch, dims) = match (layout, shape) {
+        (Layout::Nchw, &[n, c, h, w]) => (n, [c, h, w]),
+        (Layout::Chw, &[c, h, w]) => (1, [c, h, w]),
+        (Layout::Nhwc, &[n, h, w, c]) => (n, [c, h, w]),
+        (Layout::Hwc, &[h, w, c]) => (1, [c, h, w]),
         _ => return Ok(None),
     };
     if fact.datum_type != f32::datum_type() || dims[0] != channels {
@@ -209,11 +378,21 @@ fn replacement(
     if geometry.out_h() != padding[0].convoluted || geometry.out_w() != padding[1].convoluted {
         return Ok(None);
     }
+    let weight = weight.try_as_plain_ram()?.as_slice::<f32>()?;
+    let weight = if layout.channels_last() {
+        // C x kh x kw → kh x kw x C.
+        let taps = kh * kw;
+        (0..taps * channels)
+            .map(|i| weight[(i % channels) * taps + i / channels])
+            .collect()
+    } else {
+        weight.to_vec()
+    };
     Ok(Some(SharedDepthwise {
         geometry,
         batch,
-        chw,
-        weight: Arc::new(weight.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
+        layout,
+        weight: Arc::new(weight),
         bias: Arc::new(bias),
         threads: threads.max(1),
     }))
@@ -313,11 +492,11 @@ mod tests {
     fn depthwise_model(
         c: usize,
         hw: (usize, usize),
-        k: usize,
-        stride: usize,
+        (k, stride): (usize, usize),
         padding: PaddingSpec,
         seed: u64,
         relu6: bool,
+        channels_last: bool,
     ) -> TypedModel {
         let mut rng = seed;
         let mut random = |n: usize| -> Vec<f32> {
@@ -332,7 +511,7 @@ mod tests {
         };
         let mut model = TypedModel::default();
         let x = model
-            .add_source("x", f32::fact([1, c, hw.0, hw.1]))
+            .add_source("x", f32::fact(input_shape(c, hw, channels_last)))
             .unwrap();
         let w = model
             .add_const(
@@ -345,7 +524,11 @@ mod tests {
             .unwrap();
         let conv = Conv {
             pool_spec: PoolSpec {
-                data_format: DataFormat::NCHW,
+                data_format: if channels_last {
+                    DataFormat::NHWC
+                } else {
+                    DataFormat::NCHW
+                },
                 kernel_shape: tvec!(k, k),
                 padding,
                 dilations: None,
@@ -381,6 +564,14 @@ mod tests {
         model
     }
 
+    fn input_shape(c: usize, hw: (usize, usize), channels_last: bool) -> [usize; 4] {
+        if channels_last {
+            [1, hw.0, hw.1, c]
+        } else {
+            [1, c, hw.0, hw.1]
+        }
+    }
+
     fn random_input(len: usize, seed: u32) -> Vec<f32> {
         // -8..8, so the weighted sums cross both ReLU6 bounds.
         (0..len)
@@ -404,9 +595,20 @@ mod tests {
                 PaddingSpec::ExplicitOnnxPool(tvec!(2, 1), tvec!(1, 2), false),
             ),
         ];
+        let variants = [(1, false), (2, false), (1, true), (2, true)];
         for (i, (c, hw, k, stride, padding)) in cases.into_iter().enumerate() {
-            for (threads, relu6) in [(1, false), (2, false), (1, true), (2, true)] {
-                let model = depthwise_model(c, hw, k, stride, padding.clone(), i as u64, relu6);
+            for ((threads, relu6), channels_last) in
+                variants.into_iter().flat_map(|v| [(v, false), (v, true)])
+            {
+                let model = depthwise_model(
+                    c,
+                    hw,
+                    (k, stride),
+                    padding.clone(),
+                    i as u64,
+                    relu6,
+                    channels_last,
+                );
                 let mut ours = model.clone().into_decluttered().unwrap();
                 let done = replace_depthwise(&mut ours, threads).unwrap();
                 let clamps = usize::from(relu6);
@@ -421,7 +623,7 @@ mod tests {
                 let tract = model.into_optimized().unwrap().into_runnable().unwrap();
                 let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
                 let x = Tensor::from_shape(
-                    &[1, c, hw.0, hw.1],
+                    &input_shape(c, hw, channels_last),
                     &random_input(c * hw.0 * hw.1, i as u32),
                 )
                 .unwrap();
@@ -447,7 +649,8 @@ mod tests {
                     .fold(0.0f32, f32::max);
                 assert!(
                     worst <= 1e-5 * scale,
-                    "case {i}, {threads} thread(s), relu6 {relu6}: max difference {worst}"
+                    "case {i}, {threads} thread(s), relu6 {relu6}, channels last \
+                     {channels_last}: max difference {worst}"
                 );
                 if relu6 {
                     // Both bounds are reached, so the fused clamp is exercised.
