@@ -24,3 +24,4 @@ pub mod preprocess;
 // Wire protocol and model metadata.
 pub mod metadata;
 pub mod protocol;
+pub mod signing;
