@@ -13,6 +13,7 @@ pub mod preprocess;
 pub mod retry;
 pub mod source;
 pub mod telemetry;
+pub mod update;
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MB; `None` elsewhere.
 pub fn peak_rss_mb() -> Option<f64> {

@@ -32,6 +32,7 @@ enum Command {
     Classify(cli::classify::ClassifyArgs),
     Bench(cli::bench::BenchArgs),
     Run(Box<cli::run::RunArgs>),
+    Agent(cli::agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         Command::Classify(a) => cli::classify::classify(a),
         Command::Bench(a) => cli::bench::bench(a).map(|()| ExitCode::SUCCESS),
         Command::Run(a) => cli::run::run(*a),
+        Command::Agent(a) => cli::agent::agent(a),
     };
     match result {
         Ok(code) => code,

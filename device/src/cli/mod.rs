@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+pub mod agent;
 pub mod bench;
 pub mod classify;
 pub mod gpio;

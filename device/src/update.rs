@@ -1,0 +1,595 @@
+//! Receiving models over the link: staging that survives a restart, verification, self-test,
+//! and activation that a crash at any point leaves on the complete old or the complete new model.
+//!
+//! The state directory (`--state-dir`, default `/var/lib/petcam`):
+//!
+//! ```text
+//! staging/model.json   the upload being received: its `Begin` (kind, size, sha256, version, signature)
+//! staging/model.part   its bytes so far; the file's length is where a resumed upload continues
+//! models/<sha256>.onnx complete, verified models (the active one and the previous one)
+//! active.json          which model runs, and the one before it (for rollback)
+//! ```
+//!
+//! Activation renames the staged file into `models/`, then replaces `active.json` by writing a
+//! new one beside it, syncing it and renaming it over the old one, syncing the folder after each
+//! rename. Until that last rename lands, `active.json` names the old model, whose file is never
+//! touched; after it, the new one, already complete and synced. Files that neither entry names
+//! are removed afterwards, and found and removed again at the next start if that was cut short.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use petcam_shared::protocol::{
+    Begin, ImageInfo, ImageKind, Message, Nack, NackReason, StagedInfo, Status,
+};
+use petcam_shared::signing::{self, SignatureError, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::infer::ExportedModel;
+
+/// A model in service, as `active.json` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub version: String,
+    /// Hex.
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl Entry {
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            version: self.version.clone(),
+            sha256: from_hex(&self.sha256).unwrap_or([0; 32]),
+            size: self.size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ActiveRecord {
+    model: Entry,
+    previous: Option<Entry>,
+}
+
+/// The `Begin` of the staged upload, as `staging/model.json` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StagedRecord {
+    version: String,
+    sha256: String,
+    size: u64,
+    signature: String,
+}
+
+impl StagedRecord {
+    fn of(b: &Begin) -> Self {
+        Self {
+            version: b.version.clone(),
+            sha256: hex(&b.sha256),
+            size: b.size,
+            signature: hex(&b.signature),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// One step of [`Store::activate`], for tests that stop it part-way, as a power cut would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Rename,
+    SyncDir,
+    Write,
+    SyncFile,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating it if needed) the state directory and finishes any clean-up an
+    /// interrupted activation left.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let store = Self {
+            dir: dir.to_owned(),
+        };
+        fs::create_dir_all(store.dir.join("staging"))?;
+        fs::create_dir_all(store.dir.join("models"))?;
+        let _ = fs::remove_file(store.dir.join("active.json.tmp"));
+        store.collect_garbage();
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn model_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join("models").join(format!("{sha256}.onnx"))
+    }
+
+    fn staged_part(&self) -> PathBuf {
+        self.dir.join("staging/model.part")
+    }
+
+    fn staged_json(&self) -> PathBuf {
+        self.dir.join("staging/model.json")
+    }
+
+    fn record(&self) -> Option<ActiveRecord> {
+        let text = fs::read_to_string(self.dir.join("active.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The active model and its file, if one was ever activated.
+    pub fn active(&self) -> Option<(Entry, PathBuf)> {
+        let r = self.record()?;
+        let path = self.model_path(&r.model.sha256);
+        Some((r.model, path))
+    }
+
+    /// The model active before the current one.
+    pub fn previous(&self) -> Option<(Entry, PathBuf)> {
+        let e = self.record()?.previous?;
+        let path = self.model_path(&e.sha256);
+        Some((e, path))
+    }
+
+    fn staged(&self) -> Option<(StagedRecord, u64)> {
+        let text = fs::read_to_string(self.staged_json()).ok()?;
+        let rec: StagedRecord = serde_json::from_str(&text).ok()?;
+        let len = fs::metadata(self.staged_part())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let received = len.min(rec.size);
+        Some((rec, received))
+    }
+
+    fn clear_staging(&self) {
+        let _ = fs::remove_file(self.staged_part());
+        let _ = fs::remove_file(self.staged_json());
+    }
+
+    /// Removes model files that neither the active nor the previous entry names.
+    fn collect_garbage(&self) {
+        let keep: Vec<String> = self
+            .record()
+            .map(|r| {
+                std::iter::once(r.model)
+                    .chain(r.previous)
+                    .map(|e| format!("{}.onnx", e.sha256))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(dir) = fs::read_dir(self.dir.join("models")) {
+            for f in dir.flatten() {
+                if !keep.iter().any(|k| f.file_name().to_string_lossy() == *k) {
+                    let _ = fs::remove_file(f.path());
+                }
+            }
+        }
+    }
+
+    /// Makes the complete, verified staged file the active model. `step` is called before
+    /// each write, sync and rename; an error from it stops the activation there.
+    pub fn activate(
+        &self,
+        entry: Entry,
+        step: &mut dyn FnMut(Step) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let target = self.model_path(&entry.sha256);
+        step(Step::Rename)?;
+        fs::rename(self.staged_part(), &target)?;
+        step(Step::SyncDir)?;
+        sync_dir(&self.dir.join("models"))?;
+        // Re-activating the active image keeps the rollback target it had.
+        let previous = self.record().and_then(|r| {
+            if r.model.sha256 == entry.sha256 {
+                r.previous
+            } else {
+                Some(r.model)
+            }
+        });
+        let record = ActiveRecord {
+            model: entry,
+            previous,
+        };
+        let tmp = self.dir.join("active.json.tmp");
+        step(Step::Write)?;
+        let mut f = File::create(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?;
+        step(Step::SyncFile)?;
+        f.sync_all()?;
+        drop(f);
+        step(Step::Rename)?;
+        fs::rename(&tmp, self.dir.join("active.json"))?;
+        step(Step::SyncDir)?;
+        sync_dir(&self.dir)?;
+        self.clear_staging();
+        self.collect_garbage();
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    // A directory is synced through a read-only handle to it (Linux and the BSDs).
+    File::open(dir)?.sync_all()
+}
+
+/// What the device accepts.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// `None`: unsigned uploads are accepted (`--allow-unsigned`).
+    pub trusted_key: Option<VerifyingKey>,
+    pub allow_downgrade: bool,
+    /// Largest image accepted, in bytes.
+    pub max_size: u64,
+    /// The self-test fails a model whose golden inference takes longer than this.
+    pub latency_budget_ms: f64,
+    /// Threads the self-test loads the model with.
+    pub threads: usize,
+}
+
+/// A model that passed its self-test and is now active.
+#[derive(Debug, Clone)]
+pub struct Activated {
+    pub entry: Entry,
+    pub path: PathBuf,
+}
+
+struct Upload {
+    begin: Begin,
+    file: File,
+    received: u64,
+    unsynced: u64,
+}
+
+/// The upload state machine: one message in, one reply out.
+pub struct Updater {
+    store: Store,
+    policy: Policy,
+    upload: Option<Upload>,
+    last_error: Option<String>,
+}
+
+impl std::fmt::Debug for Updater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Updater")
+            .field("store", &self.store)
+            .field("receiving", &self.upload.as_ref().map(|u| u.received))
+            .finish()
+    }
+}
+
+/// Bytes written between syncs of the staging file: what a power cut can cost a resume.
+const SYNC_EVERY: u64 = 64 * 1024;
+
+fn nack(reason: NackReason, expected_offset: u64, detail: impl Into<String>) -> Message {
+    Message::Nack(Nack {
+        reason,
+        expected_offset,
+        detail: detail.into(),
+    })
+}
+
+impl Updater {
+    pub fn new(store: Store, policy: Policy) -> Self {
+        Self {
+            store,
+            policy,
+            upload: None,
+            last_error: None,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The reply to `msg`, and the model it activated if it did. Messages that are not about
+    /// uploads get `None`.
+    pub fn handle(&mut self, msg: &Message) -> Option<(Message, Option<Activated>)> {
+        let reply = match msg {
+            Message::Begin(b) => (self.begin(b), None),
+            Message::Chunk(c) => (self.chunk(c.offset, &c.data), None),
+            Message::Commit => match self.commit() {
+                Ok(a) => (
+                    Message::Ack {
+                        offset: a.entry.size,
+                    },
+                    Some(a),
+                ),
+                Err(n) => (*n, None),
+            },
+            Message::Abort => {
+                self.upload = None;
+                self.store.clear_staging();
+                (Message::Ack { offset: 0 }, None)
+            }
+            Message::StatusRequest => (Message::Status(self.status()), None),
+            _ => return None,
+        };
+        if let Message::Nack(n) = &reply.0 {
+            self.last_error = Some(format!("{:?}: {}", n.reason, n.detail));
+        }
+        Some(reply)
+    }
+
+    pub fn status(&self) -> Status {
+        let staged = match &self.upload {
+            Some(u) => Some(StagedInfo {
+                version: u.begin.version.clone(),
+                sha256: u.begin.sha256,
+                size: u.begin.size,
+                received: u.received,
+            }),
+            None => self.store.staged().map(|(r, received)| StagedInfo {
+                version: r.version,
+                sha256: from_hex(&r.sha256).unwrap_or([0; 32]),
+                size: r.size,
+                received,
+            }),
+        };
+        Status {
+            active_model: self.store.active().map(|(e, _)| e.info()),
+            staged_model: staged,
+            active_firmware: None,
+            staged_firmware: None,
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    fn begin(&mut self, b: &Begin) -> Message {
+        if b.kind == ImageKind::Firmware {
+            return nack(
+                NackReason::Other,
+                0,
+                "this petcam-device does not take firmware uploads; copy the binary and restart",
+            );
+        }
+        if b.size > self.policy.max_size {
+            return nack(
+                NackReason::TooLarge,
+                0,
+                format!(
+                    "{} bytes; this device takes at most {}",
+                    b.size, self.policy.max_size
+                ),
+            );
+        }
+        if let Some(key) = &self.policy.trusted_key {
+            if let Err(e) = signing::verify(key, b.kind, &b.version, &b.sha256, &b.signature) {
+                let reason = match e {
+                    SignatureError::Missing => NackReason::Unsigned,
+                    _ => NackReason::BadSignature,
+                };
+                return nack(reason, 0, e.to_string());
+            }
+        }
+        if let Some((active, _)) = self.store.active() {
+            if !self.policy.allow_downgrade
+                && signing::compare_versions(&b.version, &active.version).is_lt()
+            {
+                return nack(
+                    NackReason::Downgrade,
+                    0,
+                    format!(
+                        "version {} is older than the active {} (the device allows downgrades only with --allow-downgrade)",
+                        b.version, active.version
+                    ),
+                );
+            }
+        }
+        match self.open_staging(b) {
+            Ok(received) => Message::Ack { offset: received },
+            Err(e) => nack(
+                NackReason::Storage,
+                0,
+                format!("{}: {e}", self.store.dir.display()),
+            ),
+        }
+    }
+
+    /// Continues the staged upload when it is the same image, else starts a new one.
+    fn open_staging(&mut self, b: &Begin) -> io::Result<u64> {
+        let record = StagedRecord::of(b);
+        if let Some(u) = &self.upload {
+            if StagedRecord::of(&u.begin) == record {
+                return Ok(u.received);
+            }
+        }
+        self.upload = None;
+        let resume = self.store.staged().filter(|(r, _)| *r == record);
+        let received = match resume {
+            Some((_, received)) => received,
+            None => {
+                self.store.clear_staging();
+                let tmp = self.store.dir.join("staging/model.json.tmp");
+                let mut f = File::create(&tmp)?;
+                f.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?;
+                f.sync_all()?;
+                fs::rename(&tmp, self.store.staged_json())?;
+                sync_dir(&self.store.dir.join("staging"))?;
+                0
+            }
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(self.store.staged_part())?;
+        file.set_len(received)?;
+        file.seek(SeekFrom::Start(received))?;
+        self.upload = Some(Upload {
+            begin: b.clone(),
+            file,
+            received,
+            unsynced: 0,
+        });
+        Ok(received)
+    }
+
+    fn chunk(&mut self, offset: u64, data: &[u8]) -> Message {
+        let Some(u) = &mut self.upload else {
+            return nack(
+                NackReason::NoUpload,
+                0,
+                "no upload in progress (send Begin first)",
+            );
+        };
+        if offset != u.received {
+            return nack(
+                NackReason::BadOffset,
+                u.received,
+                format!("chunk at {offset}, expected {}", u.received),
+            );
+        }
+        if offset + data.len() as u64 > u.begin.size {
+            return nack(
+                NackReason::TooLarge,
+                u.received,
+                format!(
+                    "chunk ends at {}, past the announced size {}",
+                    offset + data.len() as u64,
+                    u.begin.size
+                ),
+            );
+        }
+        let written = u.file.write_all(data).and_then(|()| {
+            u.unsynced += data.len() as u64;
+            if u.unsynced >= SYNC_EVERY || offset + data.len() as u64 == u.begin.size {
+                u.unsynced = 0;
+                u.file.sync_data()?;
+            }
+            Ok(())
+        });
+        match written {
+            Ok(()) => {
+                u.received += data.len() as u64;
+                Message::Ack { offset: u.received }
+            }
+            Err(e) => {
+                // Where the file really ends is where the next chunk must start.
+                let _ = u.file.set_len(u.received);
+                let _ = u.file.seek(SeekFrom::Start(u.received));
+                nack(NackReason::Storage, u.received, e.to_string())
+            }
+        }
+    }
+
+    fn commit(&mut self) -> Result<Activated, Box<Message>> {
+        let Some(u) = self.upload.take() else {
+            return Err(Box::new(nack(
+                NackReason::NoUpload,
+                0,
+                "no upload in progress",
+            )));
+        };
+        if u.received != u.begin.size {
+            let received = u.received;
+            self.upload = Some(u);
+            return Err(Box::new(nack(
+                NackReason::BadOffset,
+                received,
+                format!(
+                    "commit with {received} of {} bytes",
+                    self.upload.as_ref().map_or(0, |u| u.begin.size)
+                ),
+            )));
+        }
+        let begin = u.begin.clone();
+        let mut file = u.file;
+        let bytes = (|| {
+            file.sync_all()?;
+            file.seek(SeekFrom::Start(0))?;
+            let mut bytes = Vec::with_capacity(begin.size as usize);
+            file.read_to_end(&mut bytes)?;
+            Ok::<_, io::Error>(bytes)
+        })()
+        .map_err(|e| Box::new(nack(NackReason::Storage, 0, e.to_string())))?;
+        drop(file);
+        let refuse = |store: &Store, reason, detail: String| {
+            store.clear_staging();
+            Box::new(nack(reason, 0, detail))
+        };
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if digest != begin.sha256 {
+            return Err(refuse(
+                &self.store,
+                NackReason::HashMismatch,
+                format!(
+                    "received image hashes to {}, announced {}",
+                    hex(&digest),
+                    hex(&begin.sha256)
+                ),
+            ));
+        }
+        if let Err(detail) = self_test(&bytes, &self.store.staged_part(), &self.policy) {
+            return Err(refuse(&self.store, NackReason::SelfTestFailed, detail));
+        }
+        let entry = Entry {
+            version: begin.version.clone(),
+            sha256: hex(&begin.sha256),
+            size: begin.size,
+        };
+        self.store
+            .activate(entry.clone(), &mut |_| Ok(()))
+            .map_err(|e| {
+                Box::new(nack(
+                    NackReason::Storage,
+                    0,
+                    format!("activation failed: {e}"),
+                ))
+            })?;
+        self.last_error = None;
+        let path = self.store.model_path(&entry.sha256);
+        Ok(Activated { entry, path })
+    }
+}
+
+/// Loads a received model in tract, runs the golden input stored in its metadata against the
+/// stored output, and times that inference. `Err` says why it failed.
+pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<(), String> {
+    let model = ExportedModel::from_bytes_with_threads(bytes, path, policy.threads)
+        .map_err(|e| format!("the model does not load: {e}"))?;
+    // The first run allocates; time the second.
+    let first = model
+        .self_test()
+        .map_err(|e| format!("no golden pair: {e}"))?;
+    let start = Instant::now();
+    let t = model.self_test().map_err(|e| e.to_string())?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if !first.passed || !t.passed {
+        return Err(format!(
+            "golden output differs by {:.2e} (tolerance {:.1e}): expected {:?}, got {:?}",
+            t.max_abs_diff, t.tolerance, t.expected, t.got
+        ));
+    }
+    if ms > policy.latency_budget_ms {
+        return Err(format!(
+            "golden inference took {ms:.1} ms, over the budget of {:.0} ms",
+            policy.latency_budget_ms
+        ));
+    }
+    Ok(())
+}
