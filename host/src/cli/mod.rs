@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod evaluate;
+pub mod flash;
 pub mod inspect;
+pub mod keygen;
 pub mod train_and_export;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,8 @@ pub enum Command {
     Evaluate(evaluate::Args),
     Inspect(inspect::Args),
     Bench(bench::Args),
+    Keygen(keygen::Args),
+    Flash(flash::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -35,6 +39,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(a) => evaluate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Keygen(a) => keygen::run(a),
+        Command::Flash(a) => flash::run(a),
     }
 }
 

@@ -1,0 +1,502 @@
+//! `petcam flash`: deploys a model to a device over its serial link.
+//!
+//! Handshake (`Hello` both ways, same protocol version), `Begin` (the device answers with the
+//! offset it already holds for this image, so an interrupted upload resumes), chunks each
+//! acknowledged before the next is sent, resent after a timeout with growing waits, `Commit`
+//! (the device verifies hash and signature, self-tests and activates), then `Status` for the
+//! model the device reports as active.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ed25519_dalek::Signer;
+use petcam_shared::protocol::{
+    self, Begin, Chunk, ImageKind, Message, Nack, NackReason, Reassembler, Received, Role,
+    CHUNK_SIZE,
+};
+use petcam_shared::signing;
+use sha2::Digest;
+
+/// Deploy a model to a petcam device over its serial link: resumes an interrupted upload,
+/// retries lost chunks, and prints the model id the device reports as active.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The model (model.onnx from `petcam train-and-export`).
+    #[arg(value_name = "MODEL.onnx")]
+    pub model: PathBuf,
+    /// Serial port to the device (/dev/ttyUSB0, ...).
+    #[arg(long, value_name = "PATH")]
+    pub port: PathBuf,
+    #[arg(long, default_value_t = 921_600)]
+    pub baud: u32,
+    /// Secret key from `petcam keygen` to sign the upload with; devices started with
+    /// `--trusted-key` refuse anything else.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Version of the model [default: its export time as YYYYMMDD.HHMMSS, so a newer export
+    /// is a newer version]. Devices refuse versions older than their active model.
+    #[arg(long = "image-version", value_name = "VERSION")]
+    pub image_version: Option<String>,
+    /// Resends of one message before giving up.
+    #[arg(long, default_value_t = 8)]
+    pub retries: u32,
+    /// Seconds to wait for the device's self-test and activation after the last chunk.
+    #[arg(long, default_value_t = 120)]
+    pub commit_timeout: u64,
+    /// One JSON object at the end instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let image = std::fs::read(&args.model)
+        .with_context(|| format!("cannot read the model {}", args.model.display()))?;
+    // Refuse here what the device would refuse after the upload.
+    let model =
+        petcam_device::infer::ExportedModel::from_bytes_with_threads(&image, &args.model, 1)
+            .with_context(|| {
+                format!(
+                    "{} is not a model petcam-device can run",
+                    args.model.display()
+                )
+            })?;
+    let version = match &args.image_version {
+        Some(v) => v.clone(),
+        None => default_version(&model)?,
+    };
+    let sha256: [u8; 32] = sha2::Sha256::digest(&image).into();
+    let signature = match &args.key {
+        Some(k) => {
+            let key = super::keygen::read_secret(k)?;
+            key.sign(&signing::signed_payload(
+                ImageKind::Model,
+                &version,
+                &sha256,
+            ))
+            .to_bytes()
+            .to_vec()
+        }
+        None => Vec::new(),
+    };
+    let mut link = Link::open(&args.port, args.baud)?;
+    let hello = link.handshake(args.retries)?;
+    tracing::info!(device = %hello.device_id, firmware = %hello.firmware_version, "connected");
+
+    let begin = Message::Begin(Begin {
+        kind: ImageKind::Model,
+        size: image.len() as u64,
+        sha256,
+        version: version.clone(),
+        signature,
+    });
+    let mut offset = link.exchange(&begin, args.retries, Duration::from_secs(5), "Begin")?;
+    let resumed_from = offset;
+    if offset > 0 {
+        tracing::info!(
+            offset,
+            "the device holds part of this image already; resuming"
+        );
+    }
+    let bar = indicatif::ProgressBar::new(image.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_position(offset);
+    let start = Instant::now();
+    let mut wire_bytes = 0u64;
+    // Chunks shrink when the line loses them (a damaged byte costs the whole frame) and grow
+    // back while it does not; the wait for an acknowledgement follows the measured round trip.
+    let mut size = CHUNK_SIZE;
+    let mut clean = 0u32;
+    let mut failures = 0u32;
+    let mut rtt = Duration::from_millis(50);
+    while offset < image.len() as u64 {
+        let end = (offset as usize + size).min(image.len());
+        let chunk = Message::Chunk(Chunk {
+            offset,
+            data: image[offset as usize..end].to_vec(),
+        });
+        // Time on the wire, both ways, at the port's baud rate (10 bits a byte).
+        let wire =
+            Duration::from_secs_f64((end - offset as usize + 64) as f64 * 10.0 / args.baud as f64);
+        let timeout = (rtt * 3 + wire * 2 + Duration::from_millis(5)) * (1 << failures.min(5));
+        let sent_at = Instant::now();
+        match link.exchange_counting(&chunk, 0, timeout.min(Duration::from_secs(10))) {
+            Ok((acked, sent)) => {
+                wire_bytes += sent;
+                rtt = (rtt * 7 + sent_at.elapsed()) / 8;
+                offset = acked;
+                failures = 0;
+                clean += 1;
+                if clean >= 16 && size < CHUNK_SIZE {
+                    size *= 2;
+                    clean = 0;
+                }
+            }
+            Err(e) if e.downcast_ref::<NoAnswer>().is_some() => {
+                wire_bytes += (end - offset as usize) as u64;
+                link.resends += 1;
+                failures += 1;
+                clean = 0;
+                size = (size / 2).max(MIN_CHUNK);
+                if failures > args.retries {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        bar.set_position(offset);
+    }
+    bar.finish_and_clear();
+    let sent_bytes = image.len() as u64 - resumed_from;
+    let upload_s = start.elapsed().as_secs_f64();
+    link.exchange(
+        &Message::Commit,
+        1,
+        Duration::from_secs(args.commit_timeout),
+        "Commit",
+    )?;
+    let status = link.status(args.retries)?;
+    let active = status
+        .active_model
+        .context("the device accepted the model but reports no active model")?;
+    let active_id = petcam_device::infer::model_id(&active.sha256);
+    if active.sha256 != sha256 {
+        bail!(
+            "the device accepted the upload but reports {} as active, not {}",
+            active_id,
+            petcam_device::infer::model_id(&sha256)
+        );
+    }
+    let efficiency = if wire_bytes > 0 {
+        sent_bytes as f64 / wire_bytes as f64
+    } else {
+        1.0
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "device": hello.device_id,
+                "active_model": active_id,
+                "version": active.version,
+                "bytes": image.len(),
+                "resumed_from": resumed_from,
+                "upload_s": upload_s,
+                "wire_bytes": wire_bytes,
+                "link_efficiency": efficiency,
+                "resends": link.resends,
+                "rejected_frames": link.rejected,
+            })
+        );
+    } else {
+        println!(
+            "{}: active model {} (version {}); sent {} bytes{} in {:.1} s, link efficiency {:.3}, {} resend(s)",
+            hello.device_id,
+            active_id,
+            active.version,
+            sent_bytes,
+            if resumed_from > 0 {
+                format!(" (resumed at {resumed_from})")
+            } else {
+                String::new()
+            },
+            upload_s,
+            efficiency,
+            link.resends
+        );
+    }
+    Ok(())
+}
+
+/// Smallest chunk sent on a bad line.
+const MIN_CHUNK: usize = 128;
+
+/// The device did not answer in time (as opposed to refusing).
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the device on {port} to {what} after {tries} tries")]
+struct NoAnswer {
+    port: String,
+    what: String,
+    tries: u32,
+}
+
+/// `YYYYMMDD.HHMMSS` of the model's export time.
+fn default_version(model: &petcam_device::infer::ExportedModel) -> anyhow::Result<String> {
+    let created = model
+        .metadata
+        .get(petcam_shared::metadata::CREATED)
+        .context("the model records no export time; pass --image-version")?;
+    let digits: String = created.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() < 14 {
+        bail!("cannot read a version from the export time {created:?}; pass --image-version");
+    }
+    Ok(format!("{}.{}", &digits[..8], &digits[8..14]))
+}
+
+/// The serial link: frames out, messages in.
+struct Link {
+    port: serialport::TTYPort,
+    name: PathBuf,
+    rx: Reassembler,
+    inbox: VecDeque<Message>,
+    resends: u64,
+    rejected: u64,
+}
+
+impl Link {
+    fn open(path: &Path, baud: u32) -> anyhow::Result<Self> {
+        if !path.exists() {
+            bail!(
+                "serial port {} does not exist; serial ports here: {}",
+                path.display(),
+                serial_ports().join(", ")
+            );
+        }
+        let port = serialport::new(path.to_string_lossy(), baud)
+            .timeout(Duration::from_millis(20))
+            .open_native()
+            .map_err(|e| {
+                let holders = holders(path);
+                if holders.is_empty() {
+                    anyhow::anyhow!("cannot open the serial port {}: {e}", path.display())
+                } else {
+                    anyhow::anyhow!(
+                        "cannot open the serial port {}: {e}; it is held by {}",
+                        path.display(),
+                        holders.join(", ")
+                    )
+                }
+            })?;
+        Ok(Self {
+            port,
+            name: path.to_owned(),
+            rx: Reassembler::new(),
+            inbox: VecDeque::new(),
+            resends: 0,
+            rejected: 0,
+        })
+    }
+
+    fn send(&mut self, m: &Message) -> anyhow::Result<u64> {
+        let frame = protocol::encode(m).map_err(|e| anyhow::anyhow!("encoding {m:?}: {e}"))?;
+        self.port
+            .write_all(&frame)
+            .and_then(|()| self.port.flush())
+            .with_context(|| format!("writing to {}", self.name.display()))?;
+        Ok(frame.len() as u64)
+    }
+
+    /// The next message from the device, or `None` after `timeout`.
+    fn recv(&mut self, timeout: Duration) -> anyhow::Result<Option<Message>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = self.inbox.pop_front() {
+                return Ok(Some(m));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            match self.port.read(&mut buf) {
+                Ok(n) => {
+                    let (inbox, rejected) = (&mut self.inbox, &mut self.rejected);
+                    self.rx.push(&buf[..n], |r| match r {
+                        Received::Message(m) => inbox.push_back(m),
+                        Received::Rejected { bytes, error } => {
+                            *rejected += 1;
+                            tracing::debug!(bytes, %error, "rejected a frame from the device");
+                        }
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", self.name.display()))
+                }
+            }
+        }
+    }
+
+    fn handshake(&mut self, retries: u32) -> anyhow::Result<protocol::Hello> {
+        let ours = Message::Hello(protocol::Hello::new(
+            Role::Host,
+            "petcam",
+            env!("CARGO_PKG_VERSION"),
+            "",
+        ));
+        for _ in 0..=retries.min(3) {
+            self.send(&ours)?;
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while let Some(m) = self.recv(deadline.saturating_duration_since(Instant::now()))? {
+                if let Message::Hello(h) = m {
+                    h.check_version().map_err(|e| {
+                        anyhow::anyhow!(
+                            "the device on {} {e}; update one side",
+                            self.name.display()
+                        )
+                    })?;
+                    return Ok(h);
+                }
+            }
+        }
+        bail!(
+            "no answer from a petcam device on {} within {} s: is `petcam-device agent` (or `run --serial`) running there, at the same --baud?",
+            self.name.display(),
+            retries.min(3) + 1
+        )
+    }
+
+    /// Sends `m` until the device acknowledges it; the acknowledged offset.
+    fn exchange(
+        &mut self,
+        m: &Message,
+        retries: u32,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<u64> {
+        self.exchange_inner(m, retries, timeout, what)
+            .map(|(o, _)| o)
+    }
+
+    fn exchange_counting(
+        &mut self,
+        m: &Message,
+        retries: u32,
+        timeout: Duration,
+    ) -> anyhow::Result<(u64, u64)> {
+        self.exchange_inner(m, retries, timeout, "chunk")
+    }
+
+    fn exchange_inner(
+        &mut self,
+        m: &Message,
+        retries: u32,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<(u64, u64)> {
+        let mut wait = timeout;
+        let mut sent = 0;
+        for attempt in 0..=retries {
+            if attempt > 0 {
+                self.resends += 1;
+                tracing::debug!(attempt, what, "no reply; sending again");
+            }
+            sent += self.send(m)?;
+            let deadline = Instant::now() + wait;
+            while let Some(reply) = self.recv(deadline.saturating_duration_since(Instant::now()))? {
+                match reply {
+                    Message::Ack { offset } => return Ok((offset, sent)),
+                    // The device expects another offset: continue from there.
+                    Message::Nack(Nack {
+                        reason: NackReason::BadOffset,
+                        expected_offset,
+                        ..
+                    }) if matches!(m, Message::Chunk(_)) => return Ok((expected_offset, sent)),
+                    Message::Nack(n) => return Err(refused(n)),
+                    // Telemetry and stale replies are not answers to this message.
+                    _ => {}
+                }
+            }
+            // Growing waits: a busy device or a noisy line gets time to recover.
+            wait = (wait * 2).min(Duration::from_secs(8).max(timeout));
+        }
+        Err(NoAnswer {
+            port: self.name.display().to_string(),
+            what: what.to_owned(),
+            tries: retries + 1,
+        }
+        .into())
+    }
+
+    fn status(&mut self, retries: u32) -> anyhow::Result<protocol::Status> {
+        for _ in 0..=retries {
+            self.send(&Message::StatusRequest)?;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while let Some(m) = self.recv(deadline.saturating_duration_since(Instant::now()))? {
+                if let Message::Status(s) = m {
+                    return Ok(s);
+                }
+            }
+        }
+        bail!(
+            "the device on {} does not answer status requests",
+            self.name.display()
+        )
+    }
+}
+
+fn refused(n: Nack) -> anyhow::Error {
+    let what = match n.reason {
+        NackReason::Unsigned => "refused an unsigned upload (sign it with --key NAME.key)",
+        NackReason::BadSignature => {
+            "refused the signature (is --key the pair of the device's --trusted-key?)"
+        }
+        NackReason::Downgrade => "refused a downgrade",
+        NackReason::SelfTestFailed => "refused the model: its self-test failed",
+        NackReason::HashMismatch => "refused the upload: the received bytes do not match the hash",
+        NackReason::TooLarge => "refused the upload as too large",
+        NackReason::Storage => "could not store the upload",
+        _ => "refused the upload",
+    };
+    anyhow::anyhow!("the device {what}: {}", n.detail)
+}
+
+/// Serial devices present, for an error message.
+fn serial_ports() -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir("/dev")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| {
+            [
+                "/dev/ttyUSB",
+                "/dev/ttyACM",
+                "/dev/ttyAMA",
+                "/dev/ttyS0",
+                "/dev/serial",
+            ]
+            .iter()
+            .any(|pre| p.starts_with(pre))
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        found.push("none".into());
+    }
+    found
+}
+
+/// Processes that have `path` open (from /proc; empty where that cannot be read).
+fn holders(path: &Path) -> Vec<String> {
+    let Ok(target) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc_dir.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let holds = std::fs::read_dir(proc_dir.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target));
+        if holds {
+            let comm = std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
+            out.push(format!("{} (pid {pid})", comm.trim()));
+        }
+    }
+    out
+}

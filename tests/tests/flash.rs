@@ -1,0 +1,257 @@
+//! `petcam flash` against `petcam-device agent`, the real binaries, over two pseudo-terminal
+//! pairs joined by a proxy in this test that can flip bits and drop bytes: signing, downgrade,
+//! resume after the host is killed, a noisy line, and the active model's bytes after each.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
+use serialport::{SerialPort, TTYPort};
+
+/// Copies bytes from `from` to `to`; while `noisy`, damages 1 byte in 1000: half of them have
+/// a bit flipped, half are dropped.
+fn pump(mut from: TTYPort, mut to: TTYPort, noisy: Arc<AtomicBool>, mut seed: u64) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(_) => return,
+            };
+            let mut out = Vec::with_capacity(n);
+            for &b in &buf[..n] {
+                if noisy.load(Ordering::Relaxed) {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let r = (seed >> 33) % 2000;
+                    if r == 0 {
+                        continue;
+                    }
+                    if r == 1 {
+                        out.push(b ^ (1 << ((seed >> 20) % 8)));
+                        continue;
+                    }
+                }
+                out.push(b);
+            }
+            if to.write_all(&out).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Two pseudo-terminals joined through the proxy: (device side, host side, the slaves to keep
+/// open, the noise switch).
+fn link() -> (PathBuf, PathBuf, Vec<TTYPort>, Arc<AtomicBool>) {
+    let (mut ma, sa) = TTYPort::pair().unwrap();
+    let (mut mb, sb) = TTYPort::pair().unwrap();
+    for m in [&mut ma, &mut mb] {
+        m.set_timeout(Duration::from_millis(50)).unwrap();
+    }
+    let noisy = Arc::new(AtomicBool::new(false));
+    pump(
+        ma.try_clone_native().unwrap(),
+        mb.try_clone_native().unwrap(),
+        noisy.clone(),
+        1,
+    );
+    pump(mb, ma, noisy.clone(), 2);
+    let (a, b) = (sa.name().unwrap().into(), sb.name().unwrap().into());
+    (a, b, vec![sa, sb], noisy)
+}
+
+fn agent(port: &Path, state: &Path, trusted: &Path, log: &Path) -> Child {
+    // Its log goes to a file: a noisy line makes many warnings, which would fill a pipe.
+    Command::new(binary("petcam-device"))
+        .args(["agent", "--threads", "1", "--port"])
+        .arg(port)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--trusted-key")
+        .arg(trusted)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn flash(port: &Path, model: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("flash")
+        .arg("--port")
+        .arg(port)
+        .arg(model)
+        .arg("--json")
+        .args(extra);
+    cmd
+}
+
+fn active_bytes(state: &Path) -> Option<Vec<u8>> {
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("active.json")).ok()?).unwrap();
+    let sha = record["model"]["sha256"].as_str().unwrap();
+    Some(std::fs::read(state.join("models").join(format!("{sha}.onnx"))).unwrap())
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn models_are_flashed_signed_resumed_and_never_half_installed() {
+    let Some((data, weights)) = photos_and_weights() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    for class in ["cat", "dog"] {
+        copy_first(&data.join("train").join(class), &photos.join(class), 8);
+    }
+    let cache = tmp.path().join("cache");
+    let mut models = Vec::new();
+    for seed in ["1", "2"] {
+        let out = tmp.path().join(format!("model{seed}"));
+        let o = run(train_and_export(&photos, &weights, &out, &cache)
+            .args([
+                "--epochs",
+                "2",
+                "--val-fraction",
+                "0.25",
+                "--latency-runs",
+                "1",
+            ])
+            .args(["--seed", seed]));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        models.push(out.join("model.onnx"));
+    }
+    let (m1, m2) = (&models[0], &models[1]);
+    assert_ne!(std::fs::read(m1).unwrap(), std::fs::read(m2).unwrap());
+
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for name in ["petcam", "other"] {
+        let o = run(Command::new(binary("petcam"))
+            .args(["keygen", "--out"])
+            .arg(keys.join(name)));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let key = keys.join("petcam.key");
+    let key = key.to_str().unwrap();
+    let other = keys.join("other.key");
+    let other = other.to_str().unwrap();
+
+    let (device_port, host_port, _slaves, noisy) = link();
+    let state = tmp.path().join("state");
+    let log = tmp.path().join("agent.log");
+    let mut device = agent(&device_port, &state, &keys.join("petcam.pub"), &log);
+
+    // Unsigned: refused, nothing installed.
+    let o = run(&mut flash(&host_port, m1, &[]));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unsigned"),
+        "{o:?}"
+    );
+    assert_eq!(active_bytes(&state), None);
+
+    // Signed: installed, and the device reports it active.
+    let o = run(&mut flash(
+        &host_port,
+        m1,
+        &["--key", key, "--image-version", "2.0"],
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = json_of(&o);
+    let m1_bytes = std::fs::read(m1).unwrap();
+    assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
+    let sha1 = report["active_model"].as_str().unwrap().to_owned();
+    assert_eq!(sha1.len(), 12);
+    let efficiency = report["link_efficiency"].as_f64().unwrap();
+    assert!(efficiency >= 0.9, "link efficiency {efficiency}");
+
+    // Signed with another key, or an older version: refused; the active model is unchanged.
+    let o = run(&mut flash(
+        &host_port,
+        m2,
+        &["--key", other, "--image-version", "3.0"],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("signature"),
+        "{o:?}"
+    );
+    let o = run(&mut flash(
+        &host_port,
+        m2,
+        &["--key", key, "--image-version", "1.9"],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("downgrade"),
+        "{o:?}"
+    );
+    assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
+
+    // The host is killed part-way; run again, it resumes past 0 and completes.
+    let mut host = flash(&host_port, m2, &["--key", key, "--image-version", "3.0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let part = state.join("staging/model.part");
+    let start = Instant::now();
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 64 * 1024 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the upload never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
+    let o = run(&mut flash(
+        &host_port,
+        m2,
+        &["--key", key, "--image-version", "3.0"],
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = json_of(&o);
+    assert!(report["resumed_from"].as_u64().unwrap() > 0, "{report}");
+    let m2_bytes = std::fs::read(m2).unwrap();
+    assert_eq!(active_bytes(&state).as_deref(), Some(&m2_bytes[..]));
+
+    // A line that flips and drops bytes: the upload still completes with the right bytes.
+    noisy.store(true, Ordering::Relaxed);
+    let o = run(&mut flash(
+        &host_port,
+        m1,
+        &["--key", key, "--image-version", "4.0"],
+    ));
+    noisy.store(false, Ordering::Relaxed);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = json_of(&o);
+    assert!(report["resends"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
+
+    // The device survived all of it and stops cleanly.
+    assert_eq!(device.try_wait().unwrap(), None, "the agent exited");
+    let kill = Command::new("kill")
+        .args(["-TERM", &device.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = device.wait().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("rejected a frame"), "{stderr}");
+}
