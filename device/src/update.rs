@@ -593,3 +593,77 @@ pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<(), Strin
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(version: &str, bytes: &[u8]) -> Entry {
+        Entry {
+            version: version.into(),
+            sha256: hex(&Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+        }
+    }
+
+    fn stage(store: &Store, bytes: &[u8]) {
+        fs::write(store.staged_part(), bytes).unwrap();
+    }
+
+    /// The active model's bytes, checked against the hash its entry records.
+    fn active_bytes(dir: &Path) -> Vec<u8> {
+        let store = Store::open(dir).unwrap();
+        let (e, path) = store.active().expect("an active model");
+        let bytes = fs::read(path).expect("the active model's file");
+        assert_eq!(
+            hex(&Sha256::digest(&bytes)),
+            e.sha256,
+            "active file is not what its entry says"
+        );
+        bytes
+    }
+
+    #[test]
+    fn a_crash_at_any_step_of_activation_leaves_the_old_or_the_new_model_whole() {
+        let old = vec![1u8; 10_000];
+        let new = vec![2u8; 12_345];
+        let mut outcomes = Vec::new();
+        for crash_at in 0.. {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Store::open(tmp.path()).unwrap();
+            stage(&store, &old);
+            store.activate(entry("1", &old), &mut |_| Ok(())).unwrap();
+            stage(&store, &new);
+            let mut step = 0;
+            let result = store.activate(entry("2", &new), &mut |_| {
+                step += 1;
+                if step > crash_at {
+                    Err(io::Error::other("power cut"))
+                } else {
+                    Ok(())
+                }
+            });
+            // What a restart finds.
+            let bytes = active_bytes(tmp.path());
+            assert!(
+                bytes == old || bytes == new,
+                "crash at step {crash_at}: neither model"
+            );
+            outcomes.push(bytes == new);
+            if result.is_ok() {
+                assert_eq!(bytes, new);
+                // The previous model is kept for rollback, and nothing else.
+                let store = Store::open(tmp.path()).unwrap();
+                let (prev, path) = store.previous().unwrap();
+                assert_eq!(prev.version, "1");
+                assert_eq!(fs::read(path).unwrap(), old);
+                assert_eq!(fs::read_dir(tmp.path().join("models")).unwrap().count(), 2);
+                break;
+            }
+        }
+        // Every step was cut at least once, and the switch happens at exactly one of them.
+        assert!(outcomes.len() >= 6, "{outcomes:?}");
+        let switch = outcomes.iter().position(|&n| n).unwrap();
+        assert!(outcomes[..switch].iter().all(|&n| !n) && outcomes[switch..].iter().all(|&n| n));
+    }
+}
