@@ -84,14 +84,54 @@ impl SharedDepthwise {
         let g = &self.geometry;
         let (in_plane, out_plane, k_len) =
             (g.input_plane_len(), g.output_plane_len(), g.kernel_len());
-        // One image's channels are independent: split them into contiguous runs, one per thread.
         let planes = self.batch * g.channels;
         let threads = self
             .threads
             .min((planes * out_plane) / MIN_PER_THREAD)
             .clamp(1, planes.max(1));
+        let out_w = g.out_w();
+        if threads > 1 && g.out_h() >= MIN_BAND_ROWS * threads {
+            // Large planes: each thread takes a band of rows of every channel, the same part
+            // of the image the matrix products before and after it give that thread, so the
+            // activations stay in that core's cache instead of crossing to the other.
+            let bounds: Vec<usize> = (0..=threads).map(|t| t * g.out_h() / threads).collect();
+            let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..threads)
+                .map(|t| (t, Vec::with_capacity(planes)))
+                .collect();
+            for plane in output.chunks_exact_mut(out_plane) {
+                let mut rest = plane;
+                for (t, part) in parts.iter_mut().enumerate() {
+                    let (band, tail) = rest.split_at_mut((bounds[t + 1] - bounds[t]) * out_w);
+                    part.1.push(band);
+                    rest = tail;
+                }
+            }
+            fork(parts, |(t, bands)| {
+                let (band, first_row, last_row) = row_band(g, bounds[t], bounds[t + 1]);
+                let mut scratch = Vec::new();
+                for (p, o) in bands.into_iter().enumerate() {
+                    let c = p % g.channels;
+                    let plane = &input[p * in_plane..(p + 1) * in_plane];
+                    band.run_channel_with_scratch(
+                        c,
+                        &plane[first_row * g.in_w..last_row * g.in_w],
+                        &self.weight[c * k_len..(c + 1) * k_len],
+                        self.bias[c],
+                        o,
+                        &mut scratch,
+                    );
+                }
+            });
+            return;
+        }
+        // Small planes: contiguous runs of channels, one per thread.
         let per = planes.div_ceil(threads);
-        let work = |first: usize, out: &mut [f32]| {
+        let parts: Vec<_> = output
+            .chunks_mut(per * out_plane)
+            .enumerate()
+            .map(|(t, out)| (t * per, out))
+            .collect();
+        fork(parts, |(first, out)| {
             let mut scratch = Vec::new();
             for (i, o) in out.chunks_exact_mut(out_plane).enumerate() {
                 let p = first + i;
@@ -105,18 +145,53 @@ impl SharedDepthwise {
                     &mut scratch,
                 );
             }
-        };
-        // tract runs a plan with its thread pool installed for the current thread; the
-        // channels go to that pool, so no thread is created per call.
-        match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool) if threads > 1 => {
-                pool.scope(|s| {
-                    for (t, out) in output.chunks_mut(per * out_plane).enumerate() {
-                        s.spawn(move |_| work(t * per, out));
-                    }
-                });
-            }
-            _ => work(0, output),
+        });
+    }
+}
+
+/// Output rows per thread below which a plane is split by channels instead of by rows.
+const MIN_BAND_ROWS: usize = 8;
+
+/// The geometry that computes output rows `r0..r1` of `g` alone, from input rows
+/// `first..last` (returned with it): the same convolution on a horizontal band, its padding
+/// adjusted so the band's edges that are inside the image read real rows.
+fn row_band(g: &DepthwiseConv, r0: usize, r1: usize) -> (DepthwiseConv, usize, usize) {
+    let first = (r0 * g.stride_h).saturating_sub(g.pad_top);
+    let last = ((r1 - 1) * g.stride_h + g.kernel_h)
+        .saturating_sub(g.pad_top)
+        .min(g.in_h);
+    let pad_top = g.pad_top + first - r0 * g.stride_h;
+    let in_h = last - first;
+    let band = DepthwiseConv {
+        in_h,
+        pad_top,
+        // Exactly enough for r1 - r0 output rows.
+        pad_bottom: (r1 - r0 - 1) * g.stride_h + g.kernel_h - in_h - pad_top,
+        ..*g
+    };
+    debug_assert_eq!(band.out_h(), r1 - r0);
+    (band, first, last)
+}
+
+/// Runs `f` on every part: the first on this thread, the others on the pool tract runs the
+/// plan with. The first part staying here matters: the matrix products give this thread the
+/// first part of their output too, so the data it reads is already in its cache.
+fn fork<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync) {
+    let mut parts = parts.into_iter();
+    let Some(first) = parts.next() else { return };
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) if parts.len() > 0 => {
+            let f = &f;
+            pool.scope(move |s| {
+                for part in parts {
+                    s.spawn(move |_| f(part));
+                }
+                f(first);
+            });
+        }
+        _ => {
+            f(first);
+            parts.for_each(&f);
         }
     }
 }
@@ -134,24 +209,19 @@ impl SharedDepthwise {
             .min(output.len() / MIN_PER_THREAD)
             .clamp(1, rows.max(1));
         let per = rows.div_ceil(threads);
-        let work = |first: usize, out: &mut [f32]| {
+        debug_assert_eq!(output.len(), self.batch * out_image);
+        let parts: Vec<_> = output
+            .chunks_mut(per * row_len)
+            .enumerate()
+            .map(|(t, out)| (t * per, out))
+            .collect();
+        fork(parts, |(first, out)| {
             for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
                 let (n, oy) = ((first + i) / g.out_h(), (first + i) % g.out_h());
                 let image = &input[n * in_image..(n + 1) * in_image];
                 hwc_row(g, image, &self.weight, &self.bias, oy, row);
             }
-        };
-        debug_assert_eq!(output.len(), self.batch * out_image);
-        match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool) if threads > 1 => {
-                pool.scope(|s| {
-                    for (t, out) in output.chunks_mut(per * row_len).enumerate() {
-                        s.spawn(move |_| work(t * per, out));
-                    }
-                });
-            }
-            _ => work(0, output),
-        }
+        });
     }
 }
 
@@ -587,6 +657,15 @@ mod tests {
             (144, (56, 56), 5, 2, PaddingSpec::SameUpper),
             (240, (28, 28), 5, 1, PaddingSpec::SameUpper),
             (7, (9, 13), 3, 1, PaddingSpec::Valid),
+            // Split into row bands on 2 threads, with uneven padding at both ends.
+            (
+                6,
+                (40, 33),
+                5,
+                2,
+                PaddingSpec::ExplicitOnnxPool(tvec!(2, 1), tvec!(1, 2), false),
+            ),
+            (9, (37, 20), 3, 1, PaddingSpec::Valid),
             (
                 5,
                 (10, 11),
