@@ -57,6 +57,14 @@ impl<T> FrameQueue<T> {
         self.changed.notify_all();
     }
 
+    /// Puts an item first in line, beyond the capacity if need be: for the few messages that
+    /// must not be dropped (the replies a waiting host needs).
+    pub fn push_front(&self, item: T) {
+        let mut s = self.state.lock().expect("queue lock");
+        s.items.push_front(item);
+        self.changed.notify_all();
+    }
+
     /// Adds a frame, waiting for room. Returns false when the queue was closed meanwhile.
     pub fn push_waiting(&self, item: T) -> bool {
         let mut s = self.state.lock().expect("queue lock");
@@ -127,6 +135,9 @@ pub enum Report {
     },
     /// A frame could not be decoded; the loop goes on.
     BadFrame { frame: String, error: String },
+    /// Another model took over (a new one was flashed): its id and labels. Smoothing starts
+    /// again with it.
+    ModelChanged { id: String, labels: Vec<String> },
 }
 
 /// What a run did.
@@ -206,9 +217,11 @@ where
 }
 
 /// The inference loop: until the queue closes, `stop` is set or `max_frames` are done.
+/// Before each frame it asks `next_model` whether another model should take over.
 /// Pins are left at their inactive level when it returns.
 pub fn run_loop<P: OutputPin>(
     model: &ExportedModel,
+    mut next_model: impl FnMut() -> Option<ExportedModel>,
     queue: &FrameQueue<Captured>,
     cfg: &RunConfig,
     actuator: &mut Actuator<P>,
@@ -216,16 +229,25 @@ pub fn run_loop<P: OutputPin>(
     mut report: impl FnMut(Report),
 ) -> Result<RunStats, RunError> {
     let start = Instant::now();
+    let mut model = model.clone();
     let mut decider = Decider::new(cfg.smooth, cfg.threshold);
     let (mut frames, mut bad, mut events) = (0u64, 0u64, 0u64);
     let (mut infer_ms, mut prep_ms) = (Vec::new(), Vec::new());
-    let (w, h) = (model.input.width, model.input.height);
     let pin_err = |e: P::Error| RunError::Pin(format!("{e:?}"));
     let result = (|| {
         while !stop.load(Ordering::Relaxed) && cfg.max_frames.is_none_or(|m| frames < m) {
             let Some((name, data)) = queue.pop() else {
                 break;
             };
+            if let Some(next) = next_model() {
+                model = next;
+                decider = Decider::new(cfg.smooth, cfg.threshold);
+                report(Report::ModelChanged {
+                    id: model.id(),
+                    labels: model.labels.clone(),
+                });
+            }
+            let (w, h) = (model.input.width, model.input.height);
             let img = match data.decode() {
                 Ok(img) => img,
                 Err(e) => {

@@ -6,13 +6,15 @@
 //! reopens a port that disappeared (a USB-UART adapter pulled out) with back-off.
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use petcam_shared::protocol::{self, Heartbeat, Hello, Message};
+use petcam_shared::protocol::{self, Heartbeat, Hello, Message, Reassembler, Received};
+use serialport::SerialPort;
 
 use crate::agent::FrameQueue;
 use crate::retry::{self, Backoff};
@@ -36,12 +38,42 @@ pub struct Telemetry {
     queue: Arc<FrameQueue<Message>>,
     writer: Option<JoinHandle<LinkStats>>,
     lost: Arc<std::sync::atomic::AtomicU64>,
+    /// Sent first on every connection; its model id follows the model in use.
+    hello: Arc<Mutex<Hello>>,
+    /// Stops the reader threads of [`Telemetry::serial_with_inbox`].
+    stop_readers: Arc<AtomicBool>,
 }
 
 impl Telemetry {
     /// Telemetry over the serial port at `path`.
     pub fn serial(path: PathBuf, baud: u32, hello: Hello) -> Self {
         Self::spawn(hello, Backoff::default(), move || open_serial(&path, baud))
+    }
+
+    /// Telemetry over the serial port at `path`, with every message the host sends decoded and
+    /// passed to `inbox` (by a reader thread per connection).
+    pub fn serial_with_inbox(
+        path: PathBuf,
+        baud: u32,
+        hello: Hello,
+        inbox: mpsc::Sender<Message>,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let mut t = Self::spawn(hello, Backoff::default(), move || {
+            let port = open_serial(&path, baud)?;
+            let mut reader = port.try_clone_native().map_err(std::io::Error::other)?;
+            reader
+                .set_timeout(Duration::from_millis(100))
+                .map_err(std::io::Error::other)?;
+            let (inbox, stop) = (inbox.clone(), s.clone());
+            std::thread::Builder::new()
+                .name("link-reader".into())
+                .spawn(move || read_loop(reader, &inbox, &stop))?;
+            Ok(port)
+        });
+        t.stop_readers = stop;
+        t
     }
 
     /// Telemetry over whatever `open` connects to; `open` is called again after a failure.
@@ -52,21 +84,39 @@ impl Telemetry {
     {
         let queue = Arc::new(FrameQueue::new(QUEUE));
         let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (q, l) = (queue.clone(), lost.clone());
+        let hello = Arc::new(Mutex::new(hello));
+        let (q, l, h) = (queue.clone(), lost.clone(), hello.clone());
         let writer = std::thread::Builder::new()
             .name("telemetry".into())
-            .spawn(move || write_loop(&q, &hello, backoff, open, &l))
+            .spawn(move || write_loop(&q, &h, backoff, open, &l))
             .expect("spawn the telemetry thread");
         Self {
             queue,
             writer: Some(writer),
             lost,
+            hello,
+            stop_readers: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Queues a message; never waits.
     pub fn send(&self, msg: Message) {
         self.queue.push_dropping_oldest(msg);
+    }
+
+    /// Sends a message before anything queued, and never drops it: a reply the host waits for.
+    pub fn send_urgent(&self, msg: Message) {
+        self.queue.push_front(msg);
+    }
+
+    /// The `Hello` this side sends.
+    pub fn hello(&self) -> Hello {
+        self.hello.lock().expect("hello").clone()
+    }
+
+    /// A new model runs: later `Hello`s carry its id.
+    pub fn set_model_id(&self, id: &str) {
+        self.hello.lock().expect("hello").model_id = id.to_owned();
     }
 
     /// Messages dropped so far.
@@ -76,6 +126,7 @@ impl Telemetry {
 
     /// Sends what is queued, flushes the port and stops the writer.
     pub fn finish(mut self) -> LinkStats {
+        self.stop_readers.store(true, Ordering::Relaxed);
         self.queue.close();
         self.writer
             .take()
@@ -90,6 +141,7 @@ impl Telemetry {
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
+        self.stop_readers.store(true, Ordering::Relaxed);
         self.queue.close();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
@@ -105,9 +157,40 @@ fn open_serial(path: &Path, baud: u32) -> std::io::Result<serialport::TTYPort> {
         .map_err(|e| std::io::Error::other(format!("serial port {}: {e}", path.display())))
 }
 
+/// Decodes what the host sends until the port fails, `stop` is set or nobody listens.
+fn read_loop(mut port: impl Read, inbox: &mpsc::Sender<Message>, stop: &AtomicBool) {
+    let mut rx = Reassembler::new();
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let n = match port.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            // The writer notices too, and reopens the port with a new reader.
+            Err(_) => return,
+        };
+        let mut gone = false;
+        rx.push(&buf[..n], |r| match r {
+            Received::Message(m) => gone |= inbox.send(m).is_err(),
+            Received::Rejected { bytes, error } => {
+                tracing::warn!(bytes, %error, "rejected a frame from the link");
+            }
+        });
+        if gone {
+            return;
+        }
+    }
+}
+
 fn write_loop<W: Write>(
     queue: &FrameQueue<Message>,
-    hello: &Hello,
+    hello: &Mutex<Hello>,
     mut backoff: Backoff,
     mut open: impl FnMut() -> std::io::Result<W>,
     lost: &std::sync::atomic::AtomicU64,
@@ -136,7 +219,7 @@ fn write_loop<W: Write>(
         };
         stats.connects += 1;
         tracing::info!("telemetry link up");
-        let mut next = Some(Message::Hello(hello.clone()));
+        let mut next = Some(Message::Hello(hello.lock().expect("hello").clone()));
         loop {
             let Some(msg) = next.take().or_else(|| queue.pop()) else {
                 let _ = port.flush();

@@ -245,15 +245,29 @@ pub struct Policy {
     pub max_size: u64,
     /// The self-test fails a model whose golden inference takes longer than this.
     pub latency_budget_ms: f64,
-    /// Threads the self-test loads the model with.
+    /// Threads the self-test loads the model with (the model it loads is the one `run` then
+    /// switches to).
     pub threads: usize,
+    /// Labels a new model must have, in order: `run` drives its pins by label.
+    pub required_labels: Option<Vec<String>>,
 }
 
 /// A model that passed its self-test and is now active.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Activated {
     pub entry: Entry,
     pub path: PathBuf,
+    /// The model as the self-test loaded it, ready to run.
+    pub model: ExportedModel,
+}
+
+impl std::fmt::Debug for Activated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activated")
+            .field("entry", &self.entry)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Upload {
@@ -544,9 +558,10 @@ impl Updater {
                 ),
             ));
         }
-        if let Err(detail) = self_test(&bytes, &self.store.staged_part(), &self.policy) {
-            return Err(refuse(&self.store, NackReason::SelfTestFailed, detail));
-        }
+        let model = match self_test(&bytes, &self.store.staged_part(), &self.policy) {
+            Ok(m) => m,
+            Err(detail) => return Err(refuse(&self.store, NackReason::SelfTestFailed, detail)),
+        };
         let entry = Entry {
             version: begin.version.clone(),
             sha256: hex(&begin.sha256),
@@ -563,15 +578,23 @@ impl Updater {
             })?;
         self.last_error = None;
         let path = self.store.model_path(&entry.sha256);
-        Ok(Activated { entry, path })
+        Ok(Activated { entry, path, model })
     }
 }
 
 /// Loads a received model in tract, runs the golden input stored in its metadata against the
-/// stored output, and times that inference. `Err` says why it failed.
-pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<(), String> {
+/// stored output, and times that inference: the loaded model, or why it failed.
+pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<ExportedModel, String> {
     let model = ExportedModel::from_bytes_with_threads(bytes, path, policy.threads)
         .map_err(|e| format!("the model does not load: {e}"))?;
+    if let Some(labels) = &policy.required_labels {
+        if &model.labels != labels {
+            return Err(format!(
+                "its labels {:?} are not the running model's {labels:?}, which the pins are wired to",
+                model.labels
+            ));
+        }
+    }
     // The first run allocates; time the second.
     let first = model
         .self_test()
@@ -591,7 +614,7 @@ pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<(), Strin
             policy.latency_budget_ms
         ));
     }
-    Ok(())
+    Ok(model)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use petcam_shared::protocol::{Message, Reassembler, Received};
 use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
 use serialport::{SerialPort, TTYPort};
 
@@ -106,21 +107,18 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
 
-#[test]
-fn models_are_flashed_signed_resumed_and_never_half_installed() {
-    let Some((data, weights)) = photos_and_weights() else {
-        return;
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let photos = tmp.path().join("photos");
+/// Two small models of the same photos that differ (another seed), in `dir`; the photos are
+/// left in `dir/photos`.
+fn two_models(data: &Path, weights: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let photos = dir.join("photos");
     for class in ["cat", "dog"] {
         copy_first(&data.join("train").join(class), &photos.join(class), 8);
     }
-    let cache = tmp.path().join("cache");
+    let cache = dir.join("cache");
     let mut models = Vec::new();
     for seed in ["1", "2"] {
-        let out = tmp.path().join(format!("model{seed}"));
-        let o = run(train_and_export(&photos, &weights, &out, &cache)
+        let out = dir.join(format!("model{seed}"));
+        let o = run(train_and_export(&photos, weights, &out, &cache)
             .args([
                 "--epochs",
                 "2",
@@ -133,8 +131,20 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         models.push(out.join("model.onnx"));
     }
-    let (m1, m2) = (&models[0], &models[1]);
-    assert_ne!(std::fs::read(m1).unwrap(), std::fs::read(m2).unwrap());
+    let m2 = models.pop().unwrap();
+    let m1 = models.pop().unwrap();
+    assert_ne!(std::fs::read(&m1).unwrap(), std::fs::read(&m2).unwrap());
+    (m1, m2)
+}
+
+#[test]
+fn models_are_flashed_signed_resumed_and_never_half_installed() {
+    let Some((data, weights)) = photos_and_weights() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (m1, m2) = two_models(&data, &weights, tmp.path());
+    let (m1, m2) = (&m1, &m2);
 
     let keys = tmp.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
@@ -254,4 +264,158 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("rejected a frame"), "{stderr}");
+}
+
+/// Reads the host side of the link for `seconds` and decodes what the device sends.
+fn listen(port: &Path, seconds: u64) -> Vec<Message> {
+    let mut p = serialport::new(port.to_string_lossy(), 921_600)
+        .timeout(Duration::from_millis(50))
+        .open_native()
+        .unwrap();
+    let mut rx = Reassembler::new();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        if let Ok(n) = p.read(&mut buf) {
+            rx.push(&buf[..n], |r| {
+                if let Received::Message(m) = r {
+                    got.push(m)
+                }
+            });
+        }
+    }
+    got
+}
+
+/// The model's golden output with its first probability's leading digit changed: still a
+/// valid model of the same length, whose self-test can only fail.
+fn with_wrong_golden(model: &[u8]) -> Vec<u8> {
+    let key = b"\"probabilities\":[";
+    let at = model
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("a golden output in the metadata")
+        + key.len();
+    let mut out = model.to_vec();
+    // `0.97...` becomes `0.17...` (or `0.87...`): far outside any tolerance.
+    let digit = out[at..].iter().position(u8::is_ascii_digit).unwrap() + at + 2;
+    out[digit] = if out[digit] == b'1' { b'8' } else { b'1' };
+    out
+}
+
+#[test]
+fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
+    let Some((data, weights)) = photos_and_weights() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (m1, m2) = two_models(&data, &weights, tmp.path());
+    let (device_port, host_port, _slaves, _noisy) = link();
+    let state = tmp.path().join("state");
+    let photos = tmp.path().join("photos/cat");
+    let log = tmp.path().join("run.log");
+    let mut device = Command::new(binary("petcam-device"))
+        .args([
+            "run",
+            "--threads",
+            "1",
+            "--loop",
+            "--json",
+            "--allow-unsigned",
+        ])
+        .arg("--model")
+        .arg(&m1)
+        .arg(format!("--source=dir:{}", photos.display()))
+        .arg("--serial")
+        .arg(&device_port)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let m1_id = {
+        let hello = listen(&host_port, 2);
+        let beat = hello
+            .iter()
+            .find_map(|m| match m {
+                Message::Heartbeat(h) => Some(h.model_id.clone()),
+                _ => None,
+            })
+            .expect("heartbeats before the upload");
+        assert_eq!(beat.len(), 12);
+        beat
+    };
+
+    // A graph that does not load, and a model whose golden output is wrong: refused with the
+    // reason, and the running model stays.
+    let corrupt = tmp.path().join("corrupt.onnx");
+    let m2_bytes = std::fs::read(&m2).unwrap();
+    std::fs::write(&corrupt, &m2_bytes[..m2_bytes.len() / 2]).unwrap();
+    let o = run(&mut flash(
+        &host_port,
+        &corrupt,
+        &["--no-local-check", "--image-version", "1"],
+    ));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("self-test") && err.contains("does not load"),
+        "{err}"
+    );
+    let wrong = tmp.path().join("wrong-golden.onnx");
+    std::fs::write(&wrong, with_wrong_golden(&m2_bytes)).unwrap();
+    let o = run(&mut flash(&host_port, &wrong, &[]));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("self-test") && err.contains("golden output differs"),
+        "{err}"
+    );
+    assert_eq!(active_bytes(&state), None);
+
+    // The real one: accepted, and the running program switches to it.
+    let o = run(&mut flash(&host_port, &m2, &[]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m2_id = json_of(&o)["active_model"].as_str().unwrap().to_owned();
+    assert_ne!(m1_id, m2_id);
+    assert_eq!(active_bytes(&state).as_deref(), Some(&m2_bytes[..]));
+    let after = listen(&host_port, 3);
+    let ids: Vec<&str> = after
+        .iter()
+        .filter_map(|m| match m {
+            Message::Heartbeat(h) => Some(h.model_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(ids.len() >= 2, "{after:?}");
+    assert_eq!(*ids.last().unwrap(), m2_id, "{ids:?}");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &device.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut stdout = String::new();
+    device
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = device.wait().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // stdout says which model took over, and the run went on with it.
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let switched = lines
+        .iter()
+        .position(|l| l["event"] == "model")
+        .unwrap_or_else(|| panic!("no model event: {stdout}"));
+    assert_eq!(lines[switched]["model_id"], m2_id.as_str());
+    assert_eq!(lines.last().unwrap()["event"], "summary");
 }

@@ -56,23 +56,43 @@ pub struct TrustArgs {
 
 impl TrustArgs {
     pub fn policy(&self, threads: usize) -> anyhow::Result<Policy> {
-        let trusted_key = match &self.trusted_key {
-            Some(path) => Some(read_public_key(path)?),
-            None => {
-                tracing::warn!(
-                    "--allow-unsigned: this device accepts UNSIGNED uploads; anyone on the serial link can replace its model"
-                );
-                None
-            }
-        };
-        Ok(Policy {
-            trusted_key,
-            allow_downgrade: self.allow_downgrade,
-            max_size: self.max_upload_mib << 20,
-            latency_budget_ms: self.latency_budget_ms,
+        let mut p = policy(
+            self.trusted_key.as_deref(),
+            self.allow_downgrade,
             threads,
-        })
+            None,
+        )?;
+        p.max_size = self.max_upload_mib << 20;
+        p.latency_budget_ms = self.latency_budget_ms;
+        Ok(p)
     }
+}
+
+/// What uploads are accepted: signed with `trusted_key`, or anything (a loud warning) when
+/// there is none.
+pub fn policy(
+    trusted_key: Option<&Path>,
+    allow_downgrade: bool,
+    threads: usize,
+    required_labels: Option<Vec<String>>,
+) -> anyhow::Result<Policy> {
+    let trusted_key = match trusted_key {
+        Some(path) => Some(read_public_key(path)?),
+        None => {
+            tracing::warn!(
+                "--allow-unsigned: this device accepts UNSIGNED uploads; anyone on the serial link can replace its model"
+            );
+            None
+        }
+    };
+    Ok(Policy {
+        trusted_key,
+        allow_downgrade,
+        max_size: 64 << 20,
+        latency_budget_ms: 2000.0,
+        threads,
+        required_labels,
+    })
 }
 
 fn read_public_key(path: &Path) -> anyhow::Result<VerifyingKey> {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use petcam_device::actuate::{self, Actuator};
@@ -13,6 +13,7 @@ use petcam_device::decide::Decision;
 use petcam_device::source::camera::{Backoff, CameraNotice, CameraSettings, LiveSource};
 use petcam_device::source::{self, SourceSpec};
 use petcam_device::telemetry::{Live, Telemetry};
+use petcam_device::update::{Store, Updater};
 use petcam_shared::protocol::{self, ErrorSource, Message, Role};
 
 /// Watch a source of frames, decide what it sees, drive output pins, report each change of
@@ -84,6 +85,22 @@ pub struct RunArgs {
     /// This device's name in telemetry [default: the host name].
     #[arg(long, value_name = "NAME")]
     device_id: Option<String>,
+    /// Accept models flashed over --serial (`petcam flash`) into this directory, and run the
+    /// last one flashed there instead of --model; a new one takes over without a restart.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Public key (`NAME.pub` from `petcam keygen`) that flashed models must be signed with.
+    #[arg(long, value_name = "FILE")]
+    trusted_key: Option<PathBuf>,
+    /// Accept unsigned flashed models. For a bench device only: anyone on the link can
+    /// replace the model.
+    #[arg(long)]
+    #[serde(default)]
+    allow_unsigned: bool,
+    /// Accept a flashed model older than the active one.
+    #[arg(long)]
+    #[serde(default)]
+    allow_downgrade: bool,
     /// JSON lines on stdout: one per decision change, camera state change and bad frame, then
     /// a summary.
     #[arg(long)]
@@ -115,6 +132,10 @@ impl RunArgs {
             serial: self.serial.or(file.serial),
             baud: self.baud.or(file.baud),
             device_id: self.device_id.or(file.device_id),
+            state_dir: self.state_dir.or(file.state_dir),
+            trusted_key: self.trusted_key.or(file.trusted_key),
+            allow_unsigned: self.allow_unsigned || file.allow_unsigned,
+            allow_downgrade: self.allow_downgrade || file.allow_downgrade,
             json: self.json || file.json,
         }
     }
@@ -151,16 +172,18 @@ fn usage_error(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
 /// telemetry link. Shared by the capture thread (camera notices) and the inference loop.
 struct Reporter {
     json: bool,
-    labels: Vec<String>,
+    /// The running model's labels and id; a flashed model replaces them.
+    labels: Mutex<Vec<String>>,
+    model_id: Mutex<String>,
     start: Instant,
     live: Mutex<Live>,
     telemetry: Option<Telemetry>,
 }
 
 impl Reporter {
-    fn label(&self, d: Decision) -> Option<&str> {
+    fn label(&self, d: Decision) -> Option<String> {
         match d {
-            Decision::Label(i) => self.labels.get(i).map(String::as_str),
+            Decision::Label(i) => self.labels.lock().expect("labels").get(i).cloned(),
             Decision::Unsure => None,
         }
     }
@@ -214,17 +237,21 @@ impl Reporter {
                 decision,
                 confidence,
             } => {
+                let label = self.label(decision);
                 self.live.lock().expect("live figures").record(
                     infer_ms as f32,
-                    self.label(decision),
+                    label.as_deref(),
                     confidence,
                 );
             }
             Report::Decision { frame, event } => {
-                let (from, to) = (
-                    agent::decision_label(event.from, &self.labels),
-                    agent::decision_label(event.to, &self.labels),
-                );
+                let (from, to) = {
+                    let labels = self.labels.lock().expect("labels");
+                    (
+                        agent::decision_label(event.from, &labels).to_owned(),
+                        agent::decision_label(event.to, &labels).to_owned(),
+                    )
+                };
                 if self.json {
                     println!(
                         "{}",
@@ -240,8 +267,8 @@ impl Reporter {
                 self.send(Message::Event(protocol::Event {
                     at_ms: self.at_ms(),
                     frame: frames,
-                    from: self.label(event.from).map(str::to_owned),
-                    to: self.label(event.to).map(str::to_owned),
+                    from: self.label(event.from),
+                    to: self.label(event.to),
                     confidence: event.confidence,
                 }));
             }
@@ -256,6 +283,27 @@ impl Reporter {
                 }
                 self.error(ErrorSource::Camera, format!("{frame}: {error}"));
             }
+            Report::ModelChanged { id, labels } => {
+                if self.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"event": "model", "model_id": id, "labels": labels})
+                    );
+                } else {
+                    eprintln!("model {id} now running (labels {labels:?})");
+                }
+                tracing::info!(model = %id, "a flashed model took over");
+                if let Some(t) = &self.telemetry {
+                    t.set_model_id(&id);
+                    t.send(Message::Log(protocol::Log {
+                        at_ms: self.at_ms(),
+                        level: protocol::LogLevel::Info,
+                        message: format!("model {id} now running"),
+                    }));
+                }
+                *self.labels.lock().expect("labels") = labels;
+                *self.model_id.lock().expect("model id") = id;
+            }
         }
     }
 }
@@ -268,8 +316,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         None => args,
     };
-    let Some(model_path) = args.model.clone() else {
-        return usage_error("no model: pass --model FILE or set `model` in the --config file");
+    if args.state_dir.is_some() && args.trusted_key.is_none() && !args.allow_unsigned {
+        return usage_error(
+            "--state-dir accepts flashed models: pass --trusted-key NAME.pub (from `petcam \
+             keygen`), or --allow-unsigned for a bench device",
+        );
+    }
+    let store = match &args.state_dir {
+        Some(dir) => Some(Store::open(dir).map_err(|e| {
+            anyhow::anyhow!("cannot use the state directory {}: {e}", dir.display())
+        })?),
+        None => None,
+    };
+    // The model flashed last wins over --model: it is the one the operator deployed.
+    let flashed = store.as_ref().and_then(Store::active).map(|(_, path)| path);
+    let Some(model_path) = flashed.or_else(|| args.model.clone()) else {
+        return usage_error(
+            "no model: pass --model FILE or set `model` in the --config file (or flash one \
+             into --state-dir)",
+        );
     };
     let Some(spec) = args.source.clone() else {
         return usage_error(
@@ -298,6 +363,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     }
 
+    // With a state directory, what the host sends over the link goes to the updater.
+    let updater = match store {
+        Some(store) => {
+            let policy = super::agent::policy(
+                args.trusted_key.as_deref(),
+                args.allow_downgrade,
+                crate::threads(args.threads),
+                // The pins are wired by label: a model with other labels is refused.
+                (!pins.is_empty()).then(|| model.labels.clone()),
+            )?;
+            Some(Updater::new(store, policy))
+        }
+        None => None,
+    };
+    let (inbox_tx, inbox) = mpsc::channel();
     let telemetry = args.serial.as_ref().map(|port| {
         let hello = protocol::Hello::new(
             Role::Device,
@@ -305,11 +385,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             env!("CARGO_PKG_VERSION").to_owned(),
             model_id.clone(),
         );
-        Telemetry::serial(port.clone(), args.baud.unwrap_or(115_200), hello)
+        let baud = args.baud.unwrap_or(115_200);
+        if updater.is_some() {
+            Telemetry::serial_with_inbox(port.clone(), baud, hello, inbox_tx.clone())
+        } else {
+            Telemetry::serial(port.clone(), baud, hello)
+        }
     });
+    drop(inbox_tx);
+    if updater.is_some() && telemetry.is_none() {
+        tracing::warn!("--state-dir without --serial: nothing can be flashed");
+    }
     let reporter = Arc::new(Reporter {
         json: args.json,
-        labels: model.labels.clone(),
+        labels: Mutex::new(model.labels.clone()),
+        model_id: Mutex::new(model_id.clone()),
         start: Instant::now(),
         live: Mutex::new(Live::new(Instant::now())),
         telemetry,
@@ -357,12 +447,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Heartbeats come from their own thread, so they keep coming while the camera is away.
     let done = Arc::new(AtomicBool::new(false));
     let heartbeat = reporter.telemetry.is_some().then(|| {
-        let (r, q, done, id) = (
-            reporter.clone(),
-            queue.clone(),
-            done.clone(),
-            model_id.clone(),
-        );
+        let (r, q, done) = (reporter.clone(), queue.clone(), done.clone());
         std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
@@ -374,6 +459,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 ) {
                     next += period;
                     let dropped = r.telemetry.as_ref().map_or(0, Telemetry::dropped);
+                    let id = r.model_id.lock().expect("model id").clone();
                     let hb = r.live.lock().expect("live figures").heartbeat(
                         Instant::now(),
                         q.dropped(),
@@ -386,6 +472,37 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .expect("spawn the heartbeat thread")
     });
 
+    // Uploads are handled off the inference thread: a self-test takes a second or two.
+    let (model_tx, model_rx) = mpsc::channel();
+    let updating = updater.map(|mut updater| {
+        let (r, done) = (reporter.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("updater".into())
+            .spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    let Ok(msg) = inbox.recv_timeout(Duration::from_millis(200)) else {
+                        continue;
+                    };
+                    let Some(link) = &r.telemetry else { continue };
+                    if let Message::Hello(h) = &msg {
+                        if let Err(e) = h.check_version() {
+                            tracing::warn!("the host {e}");
+                        }
+                        link.send_urgent(Message::Hello(link.hello()));
+                        continue;
+                    }
+                    if let Some((reply, activated)) = updater.handle(&msg) {
+                        link.send_urgent(reply);
+                        if let Some(a) = activated {
+                            let _ = model_tx.send(a.model);
+                        }
+                    }
+                }
+            })
+            .expect("spawn the updater thread")
+    });
+    let next_model = move || model_rx.try_recv().ok();
+
     let cfg = agent::RunConfig {
         smooth: args.smooth.unwrap_or(3),
         threshold,
@@ -395,14 +512,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let report = move |x: Report| r.report(x);
     let stats = if pins.is_empty() {
         let mut none = Actuator::<actuate::NoPin>::new(Vec::new())?;
-        agent::run_loop(&model, &queue, &cfg, &mut none, &stop, report)
+        agent::run_loop(&model, next_model, &queue, &cfg, &mut none, &stop, report)
     } else {
         let chip = args
             .gpio_chip
             .clone()
             .unwrap_or_else(|| "/dev/gpiochip0".into());
         match super::gpio::actuator(&chip, &pins) {
-            Ok(mut act) => agent::run_loop(&model, &queue, &cfg, &mut act, &stop, report),
+            Ok(mut act) => {
+                agent::run_loop(&model, next_model, &queue, &cfg, &mut act, &stop, report)
+            }
             Err(e) => {
                 reporter.error(ErrorSource::Gpio, format!("{e:#}"));
                 Err(agent::RunError::Pin(format!("{e:#}")))
@@ -415,6 +534,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = capture.join();
     done.store(true, Ordering::Relaxed);
     if let Some(h) = heartbeat {
+        let _ = h.join();
+    }
+    if let Some(h) = updating {
         let _ = h.join();
     }
     if let Err(e) = &stats {

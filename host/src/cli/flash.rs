@@ -49,23 +49,33 @@ pub struct Args {
     /// One JSON object at the end instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Send the file even if this machine cannot load it as a model (the device's self-test
+    /// still decides; --image-version is then required).
+    #[arg(long)]
+    pub no_local_check: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let image = std::fs::read(&args.model)
         .with_context(|| format!("cannot read the model {}", args.model.display()))?;
     // Refuse here what the device would refuse after the upload.
-    let model =
-        petcam_device::infer::ExportedModel::from_bytes_with_threads(&image, &args.model, 1)
-            .with_context(|| {
-                format!(
-                    "{} is not a model petcam-device can run",
-                    args.model.display()
-                )
-            })?;
-    let version = match &args.image_version {
-        Some(v) => v.clone(),
-        None => default_version(&model)?,
+    let model = if args.no_local_check {
+        None
+    } else {
+        Some(
+            petcam_device::infer::ExportedModel::from_bytes_with_threads(&image, &args.model, 1)
+                .with_context(|| {
+                    format!(
+                        "{} is not a model petcam-device can run (--no-local-check sends it anyway)",
+                        args.model.display()
+                    )
+                })?,
+        )
+    };
+    let version = match (&args.image_version, &model) {
+        (Some(v), _) => v.clone(),
+        (None, Some(model)) => default_version(model)?,
+        (None, None) => bail!("--no-local-check needs --image-version"),
     };
     let sha256: [u8; 32] = sha2::Sha256::digest(&image).into();
     let signature = match &args.key {
@@ -452,7 +462,7 @@ fn refused(n: Nack) -> anyhow::Error {
 }
 
 /// Serial devices present, for an error message.
-fn serial_ports() -> Vec<String> {
+pub(crate) fn serial_ports() -> Vec<String> {
     let mut found: Vec<String> = std::fs::read_dir("/dev")
         .into_iter()
         .flatten()
@@ -478,7 +488,7 @@ fn serial_ports() -> Vec<String> {
 }
 
 /// Processes that have `path` open (from /proc; empty where that cannot be read).
-fn holders(path: &Path) -> Vec<String> {
+pub(crate) fn holders(path: &Path) -> Vec<String> {
     let Ok(target) = std::fs::canonicalize(path) else {
         return Vec::new();
     };
