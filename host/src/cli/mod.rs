@@ -5,6 +5,7 @@ pub mod evaluate;
 pub mod flash;
 pub mod inspect;
 pub mod keygen;
+pub mod monitor;
 pub mod train_and_export;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,7 @@ pub enum Command {
     Bench(bench::Args),
     Keygen(keygen::Args),
     Flash(flash::Args),
+    Monitor(monitor::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Flash(a) => flash::run(a),
+        Command::Monitor(a) => monitor::run(a),
     }
 }
 
