@@ -8,6 +8,7 @@ pub mod actuate;
 pub mod agent;
 pub mod decide;
 pub mod depthwise;
+pub mod firmware;
 pub mod infer;
 pub mod preprocess;
 pub mod retry;

@@ -33,6 +33,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     Run(Box<cli::run::RunArgs>),
     Agent(cli::agent::AgentArgs),
+    Launch(cli::launch::LaunchArgs),
+    SelfTest(cli::launch::SelfTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench::bench(a).map(|()| ExitCode::SUCCESS),
         Command::Run(a) => cli::run::run(*a),
         Command::Agent(a) => cli::agent::agent(a),
+        Command::Launch(a) => cli::launch::launch(a),
+        Command::SelfTest(a) => cli::launch::self_test(a),
     };
     match result {
         Ok(code) => code,

@@ -28,6 +28,7 @@ use petcam_shared::signing::{self, SignatureError, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::firmware::FirmwareStore;
 use crate::infer::ExportedModel;
 
 /// A model in service, as `active.json` records it.
@@ -72,6 +73,13 @@ impl StagedRecord {
             size: b.size,
             signature: hex(&b.signature),
         }
+    }
+}
+
+fn kind_name(kind: ImageKind) -> &'static str {
+    match kind {
+        ImageKind::Model => "model",
+        ImageKind::Firmware => "firmware",
     }
 }
 
@@ -127,12 +135,12 @@ impl Store {
         self.dir.join("models").join(format!("{sha256}.onnx"))
     }
 
-    fn staged_part(&self) -> PathBuf {
-        self.dir.join("staging/model.part")
+    fn staged_part(&self, kind: ImageKind) -> PathBuf {
+        self.dir.join(format!("staging/{}.part", kind_name(kind)))
     }
 
-    fn staged_json(&self) -> PathBuf {
-        self.dir.join("staging/model.json")
+    fn staged_json(&self, kind: ImageKind) -> PathBuf {
+        self.dir.join(format!("staging/{}.json", kind_name(kind)))
     }
 
     fn record(&self) -> Option<ActiveRecord> {
@@ -154,19 +162,19 @@ impl Store {
         Some((e, path))
     }
 
-    fn staged(&self) -> Option<(StagedRecord, u64)> {
-        let text = fs::read_to_string(self.staged_json()).ok()?;
+    fn staged(&self, kind: ImageKind) -> Option<(StagedRecord, u64)> {
+        let text = fs::read_to_string(self.staged_json(kind)).ok()?;
         let rec: StagedRecord = serde_json::from_str(&text).ok()?;
-        let len = fs::metadata(self.staged_part())
+        let len = fs::metadata(self.staged_part(kind))
             .map(|m| m.len())
             .unwrap_or(0);
         let received = len.min(rec.size);
         Some((rec, received))
     }
 
-    fn clear_staging(&self) {
-        let _ = fs::remove_file(self.staged_part());
-        let _ = fs::remove_file(self.staged_json());
+    fn clear_staging(&self, kind: ImageKind) {
+        let _ = fs::remove_file(self.staged_part(kind));
+        let _ = fs::remove_file(self.staged_json(kind));
     }
 
     /// Removes model files that neither the active nor the previous entry names.
@@ -198,7 +206,7 @@ impl Store {
     ) -> io::Result<()> {
         let target = self.model_path(&entry.sha256);
         step(Step::Rename)?;
-        fs::rename(self.staged_part(), &target)?;
+        fs::rename(self.staged_part(ImageKind::Model), &target)?;
         step(Step::SyncDir)?;
         sync_dir(&self.dir.join("models"))?;
         // Re-activating the active image keeps the rollback target it had.
@@ -224,7 +232,7 @@ impl Store {
         fs::rename(&tmp, self.dir.join("active.json"))?;
         step(Step::SyncDir)?;
         sync_dir(&self.dir)?;
-        self.clear_staging();
+        self.clear_staging(ImageKind::Model);
         self.collect_garbage();
         Ok(())
     }
@@ -250,23 +258,45 @@ pub struct Policy {
     pub threads: usize,
     /// Labels a new model must have, in order: `run` drives its pins by label.
     pub required_labels: Option<Vec<String>>,
+    /// Version of the running binary, for firmware downgrade checks until one is installed.
+    pub firmware_version: String,
+    /// How long a received binary's `self-test` may take.
+    pub firmware_self_test_timeout: std::time::Duration,
 }
 
-/// A model that passed its self-test and is now active.
+/// An image that passed its self-test and is now active.
 #[derive(Clone)]
-pub struct Activated {
-    pub entry: Entry,
-    pub path: PathBuf,
-    /// The model as the self-test loaded it, ready to run.
-    pub model: ExportedModel,
+pub enum Activated {
+    /// A model: `run` switches to `model`, as the self-test loaded it.
+    Model {
+        entry: Entry,
+        path: PathBuf,
+        model: Box<ExportedModel>,
+    },
+    /// A binary, now `firmware/current` on trial: the process should exit so that it starts.
+    Firmware { entry: Entry },
+}
+
+impl Activated {
+    pub fn entry(&self) -> &Entry {
+        match self {
+            Activated::Model { entry, .. } | Activated::Firmware { entry } => entry,
+        }
+    }
 }
 
 impl std::fmt::Debug for Activated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Activated")
-            .field("entry", &self.entry)
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        match self {
+            Activated::Model { entry, path, .. } => f
+                .debug_struct("Model")
+                .field("entry", entry)
+                .field("path", path)
+                .finish_non_exhaustive(),
+            Activated::Firmware { entry } => {
+                f.debug_struct("Firmware").field("entry", entry).finish()
+            }
+        }
     }
 }
 
@@ -280,6 +310,7 @@ struct Upload {
 /// The upload state machine: one message in, one reply out.
 pub struct Updater {
     store: Store,
+    firmware: FirmwareStore,
     policy: Policy,
     upload: Option<Upload>,
     last_error: Option<String>,
@@ -306,13 +337,14 @@ fn nack(reason: NackReason, expected_offset: u64, detail: impl Into<String>) -> 
 }
 
 impl Updater {
-    pub fn new(store: Store, policy: Policy) -> Self {
-        Self {
+    pub fn new(store: Store, policy: Policy) -> io::Result<Self> {
+        Ok(Self {
+            firmware: FirmwareStore::open(&store.dir)?,
             store,
             policy,
             upload: None,
             last_error: None,
-        }
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -328,15 +360,16 @@ impl Updater {
             Message::Commit => match self.commit() {
                 Ok(a) => (
                     Message::Ack {
-                        offset: a.entry.size,
+                        offset: a.entry().size,
                     },
                     Some(a),
                 ),
                 Err(n) => (*n, None),
             },
             Message::Abort => {
-                self.upload = None;
-                self.store.clear_staging();
+                if let Some(u) = self.upload.take() {
+                    self.store.clear_staging(u.begin.kind);
+                }
                 (Message::Ack { offset: 0 }, None)
             }
             Message::StatusRequest => (Message::Status(self.status()), None),
@@ -349,14 +382,14 @@ impl Updater {
     }
 
     pub fn status(&self) -> Status {
-        let staged = match &self.upload {
-            Some(u) => Some(StagedInfo {
+        let staged = |kind| match &self.upload {
+            Some(u) if u.begin.kind == kind => Some(StagedInfo {
                 version: u.begin.version.clone(),
                 sha256: u.begin.sha256,
                 size: u.begin.size,
                 received: u.received,
             }),
-            None => self.store.staged().map(|(r, received)| StagedInfo {
+            _ => self.store.staged(kind).map(|(r, received)| StagedInfo {
                 version: r.version,
                 sha256: from_hex(&r.sha256).unwrap_or([0; 32]),
                 size: r.size,
@@ -365,21 +398,14 @@ impl Updater {
         };
         Status {
             active_model: self.store.active().map(|(e, _)| e.info()),
-            staged_model: staged,
-            active_firmware: None,
-            staged_firmware: None,
+            staged_model: staged(ImageKind::Model),
+            active_firmware: self.firmware.current().map(|e| e.info()),
+            staged_firmware: staged(ImageKind::Firmware),
             last_error: self.last_error.clone(),
         }
     }
 
     fn begin(&mut self, b: &Begin) -> Message {
-        if b.kind == ImageKind::Firmware {
-            return nack(
-                NackReason::Other,
-                0,
-                "this petcam-device does not take firmware uploads; copy the binary and restart",
-            );
-        }
         if b.size > self.policy.max_size {
             return nack(
                 NackReason::TooLarge,
@@ -399,16 +425,24 @@ impl Updater {
                 return nack(reason, 0, e.to_string());
             }
         }
-        if let Some((active, _)) = self.store.active() {
+        let active_version = match b.kind {
+            ImageKind::Model => self.store.active().map(|(e, _)| e.version),
+            ImageKind::Firmware => Some(
+                self.firmware
+                    .current()
+                    .map_or_else(|| self.policy.firmware_version.clone(), |e| e.version),
+            ),
+        };
+        if let Some(active) = active_version {
             if !self.policy.allow_downgrade
-                && signing::compare_versions(&b.version, &active.version).is_lt()
+                && signing::compare_versions(&b.version, &active).is_lt()
             {
                 return nack(
                     NackReason::Downgrade,
                     0,
                     format!(
-                        "version {} is older than the active {} (the device allows downgrades only with --allow-downgrade)",
-                        b.version, active.version
+                        "version {} is older than the active {active} (the device allows downgrades only with --allow-downgrade)",
+                        b.version
                     ),
                 );
             }
@@ -432,16 +466,16 @@ impl Updater {
             }
         }
         self.upload = None;
-        let resume = self.store.staged().filter(|(r, _)| *r == record);
+        let resume = self.store.staged(b.kind).filter(|(r, _)| *r == record);
         let received = match resume {
             Some((_, received)) => received,
             None => {
-                self.store.clear_staging();
-                let tmp = self.store.dir.join("staging/model.json.tmp");
+                self.store.clear_staging(b.kind);
+                let tmp = self.store.staged_json(b.kind).with_extension("json.tmp");
                 let mut f = File::create(&tmp)?;
                 f.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?;
                 f.sync_all()?;
-                fs::rename(&tmp, self.store.staged_json())?;
+                fs::rename(&tmp, self.store.staged_json(b.kind))?;
                 sync_dir(&self.store.dir.join("staging"))?;
                 0
             }
@@ -451,7 +485,7 @@ impl Updater {
             .truncate(false)
             .write(true)
             .read(true)
-            .open(self.store.staged_part())?;
+            .open(self.store.staged_part(b.kind))?;
         file.set_len(received)?;
         file.seek(SeekFrom::Start(received))?;
         self.upload = Some(Upload {
@@ -542,8 +576,9 @@ impl Updater {
         })()
         .map_err(|e| Box::new(nack(NackReason::Storage, 0, e.to_string())))?;
         drop(file);
+        let kind = begin.kind;
         let refuse = |store: &Store, reason, detail: String| {
-            store.clear_staging();
+            store.clear_staging(kind);
             Box::new(nack(reason, 0, detail))
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
@@ -558,27 +593,85 @@ impl Updater {
                 ),
             ));
         }
-        let model = match self_test(&bytes, &self.store.staged_part(), &self.policy) {
-            Ok(m) => m,
-            Err(detail) => return Err(refuse(&self.store, NackReason::SelfTestFailed, detail)),
-        };
         let entry = Entry {
             version: begin.version.clone(),
             sha256: hex(&begin.sha256),
             size: begin.size,
         };
+        let staged = self.store.staged_part(kind);
+        let storage = |what: &str, e: io::Error| {
+            Box::new(nack(NackReason::Storage, 0, format!("{what} failed: {e}")))
+        };
+        if kind == ImageKind::Firmware {
+            if let Err(detail) = firmware_self_test(&staged, &self.store.dir, &self.policy) {
+                return Err(refuse(&self.store, NackReason::SelfTestFailed, detail));
+            }
+            self.firmware
+                .install(&staged, entry.clone())
+                .map_err(|e| storage("installing the firmware", e))?;
+            self.store.clear_staging(kind);
+            self.last_error = None;
+            return Ok(Activated::Firmware { entry });
+        }
+        let model = match self_test(&bytes, &staged, &self.policy) {
+            Ok(m) => m,
+            Err(detail) => return Err(refuse(&self.store, NackReason::SelfTestFailed, detail)),
+        };
         self.store
             .activate(entry.clone(), &mut |_| Ok(()))
-            .map_err(|e| {
-                Box::new(nack(
-                    NackReason::Storage,
-                    0,
-                    format!("activation failed: {e}"),
-                ))
-            })?;
+            .map_err(|e| storage("activation", e))?;
         self.last_error = None;
         let path = self.store.model_path(&entry.sha256);
-        Ok(Activated { entry, path, model })
+        Ok(Activated::Model {
+            entry,
+            path,
+            model: Box::new(model),
+        })
+    }
+}
+
+/// Runs a received binary once as `BINARY self-test --state-dir DIR`: it must exit 0 within
+/// the policy's time. `Err` has its exit status and the end of what it printed.
+fn firmware_self_test(binary: &Path, state_dir: &Path, policy: &Policy) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(binary, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("cannot make it executable: {e}"))?;
+    let out_path = state_dir.join("staging/self-test.log");
+    let log = File::create(&out_path).map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(binary)
+        .arg("self-test")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("it does not start: {e}"))?;
+    let deadline = Instant::now() + policy.firmware_self_test_timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "`self-test` did not finish within {:?}",
+                    policy.firmware_self_test_timeout
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let output = fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = fs::remove_file(&out_path);
+    if status.success() {
+        Ok(())
+    } else {
+        let tail: String = output.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+        Err(format!("`self-test` exited with {status}: {tail}"))
     }
 }
 
@@ -630,7 +723,7 @@ mod tests {
     }
 
     fn stage(store: &Store, bytes: &[u8]) {
-        fs::write(store.staged_part(), bytes).unwrap();
+        fs::write(store.staged_part(ImageKind::Model), bytes).unwrap();
     }
 
     /// The active model's bytes, checked against the hash its entry records.

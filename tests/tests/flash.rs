@@ -266,8 +266,9 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     assert!(stderr.contains("rejected a frame"), "{stderr}");
 }
 
-/// Reads the host side of the link for `seconds` and decodes what the device sends.
-fn listen(port: &Path, seconds: u64) -> Vec<Message> {
+/// Reads the host side of the link until the device sends a message `done` accepts: what
+/// it sent up to that one. Panics after `timeout`, with what it saw.
+fn wait_for(port: &Path, timeout: Duration, done: impl Fn(&Message) -> bool) -> Vec<Message> {
     let mut p = serialport::new(port.to_string_lossy(), 921_600)
         .timeout(Duration::from_millis(50))
         .open_native()
@@ -275,7 +276,7 @@ fn listen(port: &Path, seconds: u64) -> Vec<Message> {
     let mut rx = Reassembler::new();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    let end = Instant::now() + Duration::from_secs(seconds);
+    let end = Instant::now() + timeout;
     while Instant::now() < end {
         if let Ok(n) = p.read(&mut buf) {
             rx.push(&buf[..n], |r| {
@@ -283,9 +284,19 @@ fn listen(port: &Path, seconds: u64) -> Vec<Message> {
                     got.push(m)
                 }
             });
+            if got.iter().any(&done) {
+                return got;
+            }
         }
     }
-    got
+    panic!("nothing expected within {timeout:?}; got {got:?}");
+}
+
+fn heartbeat_model(m: &Message) -> Option<&str> {
+    match m {
+        Message::Heartbeat(h) => Some(h.model_id.as_str()),
+        _ => None,
+    }
 }
 
 /// The model's golden output with its first probability's leading digit changed: still a
@@ -335,18 +346,12 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let m1_id = {
-        let hello = listen(&host_port, 2);
-        let beat = hello
-            .iter()
-            .find_map(|m| match m {
-                Message::Heartbeat(h) => Some(h.model_id.clone()),
-                _ => None,
-            })
-            .expect("heartbeats before the upload");
-        assert_eq!(beat.len(), 12);
-        beat
-    };
+    // Loading takes a moment; heartbeats then come every second.
+    let before = wait_for(&host_port, Duration::from_secs(30), |m| {
+        heartbeat_model(m).is_some()
+    });
+    let m1_id = before.iter().find_map(heartbeat_model).unwrap().to_owned();
+    assert_eq!(m1_id.len(), 12);
 
     // A graph that does not load, and a model whose golden output is wrong: refused with the
     // reason, and the running model stays.
@@ -381,16 +386,15 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
     let m2_id = json_of(&o)["active_model"].as_str().unwrap().to_owned();
     assert_ne!(m1_id, m2_id);
     assert_eq!(active_bytes(&state).as_deref(), Some(&m2_bytes[..]));
-    let after = listen(&host_port, 3);
-    let ids: Vec<&str> = after
-        .iter()
-        .filter_map(|m| match m {
-            Message::Heartbeat(h) => Some(h.model_id.as_str()),
-            _ => None,
-        })
-        .collect();
-    assert!(ids.len() >= 2, "{after:?}");
-    assert_eq!(*ids.last().unwrap(), m2_id, "{ids:?}");
+    // The next heartbeats carry the new model's id (the first may have been on its way).
+    let after = wait_for(&host_port, Duration::from_secs(30), |m| {
+        heartbeat_model(m) == Some(m2_id.as_str())
+    });
+    let ids: Vec<&str> = after.iter().filter_map(heartbeat_model).collect();
+    assert!(
+        ids.len() <= 2,
+        "the switch took more than a heartbeat: {ids:?}"
+    );
 
     let kill = Command::new("kill")
         .args(["-TERM", &device.id().to_string()])
@@ -418,4 +422,147 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
         .unwrap_or_else(|| panic!("no model event: {stdout}"));
     assert_eq!(lines[switched]["model_id"], m2_id.as_str());
     assert_eq!(lines.last().unwrap()["event"], "summary");
+}
+
+/// A stand-in for systemd running `petcam-device launch -- agent ...`: restarts it after an
+/// error exit or exit status 75, stops after a clean exit. The exit statuses, in order.
+fn supervise(
+    state: &Path,
+    port: &Path,
+    log: &Path,
+    current: Arc<std::sync::Mutex<Option<u32>>>,
+) -> std::thread::JoinHandle<Vec<i32>> {
+    let (state, port, log) = (state.to_owned(), port.to_owned(), log.to_owned());
+    std::thread::spawn(move || {
+        let mut codes = Vec::new();
+        loop {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            let mut child = Command::new(binary("petcam-device"))
+                .arg("launch")
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["--", "agent", "--allow-unsigned", "--threads", "1"])
+                .args(["--health-grace", "2", "--state-dir"])
+                .arg(&state)
+                .arg("--port")
+                .arg(&port)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            *current.lock().unwrap() = Some(child.id());
+            let code = child.wait().unwrap().code().unwrap_or(-1);
+            codes.push(code);
+            if code == 0 || codes.len() > 10 {
+                return codes;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    p
+}
+
+#[test]
+fn a_flashed_binary_is_self_tested_switched_to_and_rolled_back_if_it_does_not_stay_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (device_port, host_port, _slaves, _noisy) = link();
+    let state = tmp.path().join("state");
+    let log = tmp.path().join("device.log");
+    let current = Arc::new(std::sync::Mutex::new(None));
+    let supervisor = supervise(&state, &device_port, &log, current.clone());
+    let device = binary("petcam-device");
+    // Firmware images: scripts, so the test needs no second build. `good` is the real binary.
+    let good = script(
+        tmp.path(),
+        "good",
+        &format!("exec '{}' \"$@\"", device.display()),
+    );
+    let fails_self_test = script(tmp.path(), "fails", "echo 'no camera driver' >&2; exit 3");
+    let crashes = script(
+        tmp.path(),
+        "crashes",
+        "[ \"$1\" = self-test ] && exit 0; echo 'crashed at start' >&2; exit 3",
+    );
+    let firmware = |path: &Path, version: &str| {
+        let mut cmd = Command::new(binary("petcam"));
+        cmd.arg("flash")
+            .arg("--port")
+            .arg(&host_port)
+            .arg("--firmware")
+            .arg(path)
+            .args([
+                "--image-version",
+                version,
+                "--json",
+                "--restart-timeout",
+                "20",
+            ]);
+        cmd
+    };
+    let current_json = || -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(state.join("firmware/current.json")).ok()?;
+        Some(serde_json::from_str(&text).unwrap())
+    };
+
+    // A binary that fails its self-test is refused, with what it printed.
+    let o = run(&mut firmware(&fails_self_test, "1.0"));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("self-test") && err.contains("no camera driver"),
+        "{err}"
+    );
+    assert_eq!(current_json(), None);
+
+    // A good one: installed, the device restarts into it, and it confirms itself.
+    let o = run(&mut firmware(&good, "1.0"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let good_id = json_of(&o)["active_firmware"].as_str().unwrap().to_owned();
+    assert_eq!(current_json().unwrap()["version"], "1.0");
+    let start = Instant::now();
+    while state.join("firmware/trial.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never confirmed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Older than the running one: refused.
+    let o = run(&mut firmware(&good, "0.9"));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("downgrade"));
+
+    // Passes its self-test but does not stay up: the next start rolls back to the good one,
+    // and flash says the device did not keep it.
+    let o = run(&mut firmware(&crashes, "2.0"));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&good_id), "{err}");
+    let now = current_json().unwrap();
+    assert_eq!(now["version"], "1.0");
+    assert!(now["sha256"].as_str().unwrap().starts_with(&good_id));
+
+    // A clean stop ends the service.
+    let pid = current.lock().unwrap().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let codes = supervisor.join().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    // Packaged binary → 75 (installed 1.0) → 1.0 → 75 (installed 2.0) → 2.0 crashed (3) →
+    // rolled back to 1.0 → stopped (0).
+    assert_eq!(codes, vec![75, 75, 3, 0], "{logged}");
+    assert!(
+        logged.contains("never confirmed itself; rolled back"),
+        "{logged}"
+    );
 }

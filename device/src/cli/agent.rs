@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use petcam_device::update::{Policy, Store, Updater};
+use petcam_device::firmware::FirmwareStore;
+use petcam_device::update::{Activated, Policy, Store, Updater};
 use petcam_shared::protocol::{self, Message, Reassembler, Received, Role};
 use petcam_shared::signing::{self, VerifyingKey};
 
@@ -32,6 +33,48 @@ pub struct AgentArgs {
     /// Threads the self-test loads a model with [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a newly flashed binary must run before it confirms itself; one that stops
+    /// sooner is rolled back by `petcam-device launch` at the next start.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub health_grace: f64,
+}
+
+/// Exit status after a new binary was installed: the service manager starts the program
+/// again (`RestartForceExitStatus=75` in device/petcam-device.service), now the new binary.
+pub const EXIT_RESTART: u8 = 75;
+
+/// Confirms a binary on trial once the program has run `grace` without failing.
+#[derive(Debug)]
+pub struct Health {
+    firmware: Option<FirmwareStore>,
+    confirm_at: Instant,
+}
+
+impl Health {
+    pub fn new(state_dir: &Path, grace: Duration) -> Self {
+        let firmware = FirmwareStore::open(state_dir)
+            .ok()
+            .filter(FirmwareStore::on_trial);
+        if firmware.is_some() {
+            tracing::info!("running a newly flashed binary on trial for {grace:?}");
+        }
+        Self {
+            firmware,
+            confirm_at: Instant::now() + grace,
+        }
+    }
+
+    /// Call now and then; confirms once the grace period is over.
+    pub fn tick(&mut self) {
+        if self.firmware.is_some() && Instant::now() >= self.confirm_at {
+            if let Some(fw) = self.firmware.take() {
+                match fw.confirm() {
+                    Ok(()) => tracing::info!("the new binary ran its grace period: confirmed"),
+                    Err(e) => tracing::warn!("cannot confirm the new binary: {e}"),
+                }
+            }
+        }
+    }
 }
 
 /// Which uploads are accepted.
@@ -92,6 +135,8 @@ pub fn policy(
         latency_budget_ms: 2000.0,
         threads,
         required_labels,
+        firmware_version: env!("CARGO_PKG_VERSION").to_owned(),
+        firmware_self_test_timeout: Duration::from_secs(60),
     })
 }
 
@@ -118,7 +163,13 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
             args.state_dir.display()
         )
     })?;
-    let mut updater = Updater::new(store, policy);
+    let mut updater = Updater::new(store, policy).with_context(|| {
+        format!(
+            "cannot use the state directory {}",
+            args.state_dir.display()
+        )
+    })?;
+    let mut health = Health::new(&args.state_dir, Duration::from_secs_f64(args.health_grace));
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -151,6 +202,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let mut rx = Reassembler::new();
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
+        health.tick();
         let n = match port.read(&mut buf) {
             Ok(0) => continue,
             Ok(n) => n,
@@ -158,31 +210,34 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context(format!("reading {}", args.port.display())),
         };
-        let mut replies = Vec::new();
+        let mut messages = Vec::new();
         rx.push(&buf[..n], |r| match r {
-            Received::Message(m) => replies.push(m),
+            Received::Message(m) => messages.push(m),
             Received::Rejected { bytes, error } => {
                 tracing::warn!(bytes, %error, "rejected a frame from the link");
             }
         });
-        for m in replies {
-            let reply = match &m {
-                Message::Hello(h) => match h.check_version() {
-                    Ok(()) => Some(hello(&updater)),
-                    Err(e) => {
-                        tracing::warn!(%e, "host speaks another protocol version");
-                        Some(hello(&updater))
-                    }
-                },
-                _ => updater.handle(&m).map(|(reply, activated)| {
-                    if let Some(a) = activated {
-                        tracing::info!(version = %a.entry.version, sha256 = %a.entry.sha256, "model activated");
-                    }
-                    reply
-                }),
+        for m in messages {
+            if let Message::Hello(h) = &m {
+                if let Err(e) = h.check_version() {
+                    tracing::warn!(%e, "host speaks another protocol version");
+                }
+                send(&mut port, &hello(&updater))?;
+                continue;
+            }
+            let Some((reply, activated)) = updater.handle(&m) else {
+                continue;
             };
-            if let Some(reply) = reply {
-                send(&mut port, &reply)?;
+            send(&mut port, &reply)?;
+            match activated {
+                Some(Activated::Model { entry, .. }) => {
+                    tracing::info!(version = %entry.version, sha256 = %entry.sha256, "model activated");
+                }
+                Some(Activated::Firmware { entry }) => {
+                    tracing::info!(version = %entry.version, sha256 = %entry.sha256, "firmware installed; restarting into it");
+                    return Ok(ExitCode::from(EXIT_RESTART));
+                }
+                None => {}
             }
         }
     }

@@ -4,4 +4,5 @@ pub mod agent;
 pub mod bench;
 pub mod classify;
 pub mod gpio;
+pub mod launch;
 pub mod run;

@@ -13,7 +13,7 @@ use petcam_device::decide::Decision;
 use petcam_device::source::camera::{Backoff, CameraNotice, CameraSettings, LiveSource};
 use petcam_device::source::{self, SourceSpec};
 use petcam_device::telemetry::{Live, Telemetry};
-use petcam_device::update::{Store, Updater};
+use petcam_device::update::{Activated, Store, Updater};
 use petcam_shared::protocol::{self, ErrorSource, Message, Role};
 
 /// Watch a source of frames, decide what it sees, drive output pins, report each change of
@@ -101,6 +101,10 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     allow_downgrade: bool,
+    /// Seconds a newly flashed binary must run before it confirms itself [default: 30]; one
+    /// that stops sooner is rolled back by `petcam-device launch` at the next start.
+    #[arg(long, value_name = "SECONDS")]
+    health_grace: Option<f64>,
     /// JSON lines on stdout: one per decision change, camera state change and bad frame, then
     /// a summary.
     #[arg(long)]
@@ -136,6 +140,7 @@ impl RunArgs {
             trusted_key: self.trusted_key.or(file.trusted_key),
             allow_unsigned: self.allow_unsigned || file.allow_unsigned,
             allow_downgrade: self.allow_downgrade || file.allow_downgrade,
+            health_grace: self.health_grace.or(file.health_grace),
             json: self.json || file.json,
         }
     }
@@ -373,7 +378,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 // The pins are wired by label: a model with other labels is refused.
                 (!pins.is_empty()).then(|| model.labels.clone()),
             )?;
-            Some(Updater::new(store, policy))
+            Some(
+                Updater::new(store, policy)
+                    .map_err(|e| anyhow::anyhow!("cannot use the state directory: {e}"))?,
+            )
         }
         None => None,
     };
@@ -474,12 +482,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     // Uploads are handled off the inference thread: a self-test takes a second or two.
     let (model_tx, model_rx) = mpsc::channel();
+    let restart = Arc::new(AtomicBool::new(false));
     let updating = updater.map(|mut updater| {
-        let (r, done) = (reporter.clone(), done.clone());
+        let (r, done, stop, restart) = (
+            reporter.clone(),
+            done.clone(),
+            stop.clone(),
+            restart.clone(),
+        );
+        let mut health = super::agent::Health::new(
+            updater.store().dir(),
+            Duration::from_secs_f64(args.health_grace.unwrap_or(30.0)),
+        );
         std::thread::Builder::new()
             .name("updater".into())
             .spawn(move || {
                 while !done.load(Ordering::Relaxed) {
+                    health.tick();
                     let Ok(msg) = inbox.recv_timeout(Duration::from_millis(200)) else {
                         continue;
                     };
@@ -493,8 +512,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     }
                     if let Some((reply, activated)) = updater.handle(&msg) {
                         link.send_urgent(reply);
-                        if let Some(a) = activated {
-                            let _ = model_tx.send(a.model);
+                        match activated {
+                            Some(Activated::Model { model, .. }) => {
+                                let _ = model_tx.send(*model);
+                            }
+                            Some(Activated::Firmware { entry }) => {
+                                tracing::info!(version = %entry.version, "firmware installed; restarting into it");
+                                restart.store(true, Ordering::Relaxed);
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                            None => {}
                         }
                     }
                 }
@@ -573,6 +600,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 link.messages, link.bytes, link.dropped, link.connects
             );
         }
+    }
+    if restart.load(Ordering::Relaxed) {
+        return Ok(ExitCode::from(super::agent::EXIT_RESTART));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,13 +20,21 @@ use petcam_shared::protocol::{
 use petcam_shared::signing;
 use sha2::Digest;
 
-/// Deploy a model to a petcam device over its serial link: resumes an interrupted upload,
-/// retries lost chunks, and prints the model id the device reports as active.
+/// Deploy a model (or a petcam-device binary) to a device over its serial link: resumes an
+/// interrupted upload, retries lost chunks, and prints what the device reports as active.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The model (model.onnx from `petcam train-and-export`).
-    #[arg(value_name = "MODEL.onnx")]
-    pub model: PathBuf,
+    #[arg(value_name = "MODEL.onnx", required_unless_present = "firmware")]
+    pub model: Option<PathBuf>,
+    /// A petcam-device binary to install instead of a model (needs --image-version). The
+    /// device self-tests it, switches to it and restarts; one that does not stay up through
+    /// its grace period is rolled back at the next start.
+    #[arg(long, value_name = "BINARY", conflicts_with = "model")]
+    pub firmware: Option<PathBuf>,
+    /// Seconds to wait for the device to come back after a firmware update.
+    #[arg(long, default_value_t = 60)]
+    pub restart_timeout: u64,
     /// Serial port to the device (/dev/ttyUSB0, ...).
     #[arg(long, value_name = "PATH")]
     pub port: PathBuf,
@@ -56,18 +64,25 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let image = std::fs::read(&args.model)
-        .with_context(|| format!("cannot read the model {}", args.model.display()))?;
+    let (kind, path) = match (&args.firmware, &args.model) {
+        (Some(f), _) => (ImageKind::Firmware, f.clone()),
+        (None, Some(m)) => (ImageKind::Model, m.clone()),
+        (None, None) => bail!("nothing to flash: give MODEL.onnx or --firmware BINARY"),
+    };
+    let image = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if kind == ImageKind::Firmware && args.image_version.is_none() {
+        bail!("--firmware needs --image-version (the device refuses versions older than its own)");
+    }
     // Refuse here what the device would refuse after the upload.
-    let model = if args.no_local_check {
+    let model = if args.no_local_check || kind == ImageKind::Firmware {
         None
     } else {
         Some(
-            petcam_device::infer::ExportedModel::from_bytes_with_threads(&image, &args.model, 1)
+            petcam_device::infer::ExportedModel::from_bytes_with_threads(&image, &path, 1)
                 .with_context(|| {
                     format!(
                         "{} is not a model petcam-device can run (--no-local-check sends it anyway)",
-                        args.model.display()
+                        path.display()
                     )
                 })?,
         )
@@ -81,13 +96,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let signature = match &args.key {
         Some(k) => {
             let key = super::keygen::read_secret(k)?;
-            key.sign(&signing::signed_payload(
-                ImageKind::Model,
-                &version,
-                &sha256,
-            ))
-            .to_bytes()
-            .to_vec()
+            key.sign(&signing::signed_payload(kind, &version, &sha256))
+                .to_bytes()
+                .to_vec()
         }
         None => Vec::new(),
     };
@@ -96,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(device = %hello.device_id, firmware = %hello.firmware_version, "connected");
 
     let begin = Message::Begin(Begin {
-        kind: ImageKind::Model,
+        kind,
         size: image.len() as u64,
         sha256,
         version: version.clone(),
@@ -175,10 +186,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.commit_timeout),
         "Commit",
     )?;
-    let status = link.status(args.retries)?;
-    let active = status
-        .active_model
-        .context("the device accepted the model but reports no active model")?;
+    let status = match kind {
+        ImageKind::Model => link.status(args.retries)?,
+        ImageKind::Firmware => {
+            // The device exits to restart into the new binary; wait for it to greet again.
+            drop(link);
+            link = reconnect(
+                &args.port,
+                args.baud,
+                Duration::from_secs(args.restart_timeout),
+            )?;
+            link.status(args.retries)?
+        }
+    };
+    let active = match kind {
+        ImageKind::Model => status.active_model,
+        ImageKind::Firmware => status.active_firmware,
+    }
+    .context("the device accepted the upload but reports nothing active")?;
     let active_id = petcam_device::infer::model_id(&active.sha256);
     if active.sha256 != sha256 {
         bail!(
@@ -197,7 +222,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "device": hello.device_id,
-                "active_model": active_id,
+                "kind": match kind { ImageKind::Model => "model", ImageKind::Firmware => "firmware" },
+                "active_model": (kind == ImageKind::Model).then_some(&active_id),
+                "active_firmware": (kind == ImageKind::Firmware).then_some(&active_id),
                 "version": active.version,
                 "bytes": image.len(),
                 "resumed_from": resumed_from,
@@ -210,8 +237,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "{}: active model {} (version {}); sent {} bytes{} in {:.1} s, link efficiency {:.3}, {} resend(s)",
+            "{}: active {} {} (version {}); sent {} bytes{} in {:.1} s, link efficiency {:.3}, {} resend(s)",
             hello.device_id,
+            match kind {
+                ImageKind::Model => "model",
+                ImageKind::Firmware => "firmware",
+            },
             active_id,
             active.version,
             sent_bytes,
@@ -226,6 +257,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Opens the port again and again until the device greets, for up to `timeout`.
+fn reconnect(port: &Path, baud: u32, timeout: Duration) -> anyhow::Result<Link> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = Link::open(port, baud).and_then(|mut l| l.handshake(0).map(|_| l));
+        match attempt {
+            Ok(link) => return Ok(link),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!(
+                    "the device did not come back within {} s after the firmware update",
+                    timeout.as_secs()
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
 }
 
 /// Smallest chunk sent on a bad line.
