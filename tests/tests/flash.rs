@@ -173,6 +173,21 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     );
     assert_eq!(active_bytes(&state), None);
 
+    // Garbage, and a frame longer than any the protocol allows: the agent skips them and
+    // answers the next frame.
+    {
+        let mut p = serialport::new(host_port.to_string_lossy(), 921_600)
+            .timeout(Duration::from_secs(5))
+            .open_native()
+            .unwrap();
+        let garbage: Vec<u8> = (0..5000u32).map(|i| (i * 7919 % 251) as u8 + 1).collect();
+        p.write_all(&garbage).unwrap();
+        p.write_all(&[0]).unwrap();
+        p.write_all(&vec![0x55; 6000]).unwrap();
+        p.write_all(&[0]).unwrap();
+        p.flush().unwrap();
+    }
+
     // Signed: installed, and the device reports it active.
     let o = run(&mut flash(
         &host_port,
@@ -383,7 +398,15 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
     // The real one: accepted, and the running program switches to it.
     let o = run(&mut flash(&host_port, &m2, &[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m2_id = json_of(&o)["active_model"].as_str().unwrap().to_owned();
+    let report = json_of(&o);
+    let m2_id = report["active_model"].as_str().unwrap().to_owned();
+    // Heartbeats kept coming during the upload, about one a second.
+    let seconds = report["upload_s"].as_f64().unwrap();
+    let beats = report["heartbeats"].as_u64().unwrap();
+    assert!(
+        beats as f64 >= seconds.floor() - 1.0,
+        "{beats} heartbeats in {seconds} s"
+    );
     assert_ne!(m1_id, m2_id);
     assert_eq!(active_bytes(&state).as_deref(), Some(&m2_bytes[..]));
     // The next heartbeats carry the new model's id (the first may have been on its way).

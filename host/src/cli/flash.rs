@@ -233,6 +233,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "link_efficiency": efficiency,
                 "resends": link.resends,
                 "rejected_frames": link.rejected,
+                "heartbeats": link.heartbeats,
             })
         );
     } else {
@@ -310,6 +311,8 @@ struct Link {
     inbox: VecDeque<Message>,
     resends: u64,
     rejected: u64,
+    /// Heartbeats the device sent while waiting for its replies: telemetry kept flowing.
+    heartbeats: u64,
 }
 
 impl Link {
@@ -343,6 +346,7 @@ impl Link {
             inbox: VecDeque::new(),
             resends: 0,
             rejected: 0,
+            heartbeats: 0,
         })
     }
 
@@ -462,7 +466,8 @@ impl Link {
                         ..
                     }) if matches!(m, Message::Chunk(_)) => return Ok((expected_offset, sent)),
                     Message::Nack(n) => return Err(refused(n)),
-                    // Telemetry and stale replies are not answers to this message.
+                    Message::Heartbeat(_) => self.heartbeats += 1,
+                    // Other telemetry and stale replies are not answers to this message.
                     _ => {}
                 }
             }
