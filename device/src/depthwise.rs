@@ -126,12 +126,7 @@ impl SharedDepthwise {
         }
         // Small planes: contiguous runs of channels, one per thread.
         let per = planes.div_ceil(threads);
-        let parts: Vec<_> = output
-            .chunks_mut(per * out_plane)
-            .enumerate()
-            .map(|(t, out)| (t * per, out))
-            .collect();
-        fork(parts, |(first, out)| {
+        fork(runs(output, out_plane, per), |(first, out)| {
             let mut scratch = Vec::new();
             for (i, o) in out.chunks_exact_mut(out_plane).enumerate() {
                 let p = first + i;
@@ -173,6 +168,15 @@ fn row_band(g: &DepthwiseConv, r0: usize, r1: usize) -> (DepthwiseConv, usize, u
     (band, first, last)
 }
 
+/// `output` cut into runs of `per` blocks of `len` values: (index of the run's first block, run).
+fn runs(output: &mut [f32], len: usize, per: usize) -> Vec<(usize, &mut [f32])> {
+    output
+        .chunks_mut(per * len)
+        .enumerate()
+        .map(|(t, out)| (t * per, out))
+        .collect()
+}
+
 /// Runs `f` on every part: the first on this thread, the others on the pool tract runs the
 /// plan with. The first part staying here matters: the matrix products give this thread the
 /// first part of their output too, so the data it reads is already in its cache.
@@ -210,12 +214,7 @@ impl SharedDepthwise {
             .clamp(1, rows.max(1));
         let per = rows.div_ceil(threads);
         debug_assert_eq!(output.len(), self.batch * out_image);
-        let parts: Vec<_> = output
-            .chunks_mut(per * row_len)
-            .enumerate()
-            .map(|(t, out)| (t * per, out))
-            .collect();
-        fork(parts, |(first, out)| {
+        fork(runs(output, row_len, per), |(first, out)| {
             for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
                 let (n, oy) = ((first + i) / g.out_h(), (first + i) % g.out_h());
                 let image = &input[n * in_image..(n + 1) * in_image];

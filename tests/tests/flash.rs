@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use petcam_shared::protocol::{Message, Reassembler, Received};
+use petcam_shared::protocol::{
+    encode, Begin, ImageKind, Message, NackReason, Reassembler, Received,
+};
 use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
 use serialport::{SerialPort, TTYPort};
 
@@ -203,6 +205,38 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     let efficiency = report["link_efficiency"].as_f64().unwrap();
     assert!(efficiency >= 0.9, "link efficiency {efficiency}");
 
+    // A signature cut short, sent by hand: refused as a bad signature.
+    {
+        let mut p = serialport::new(host_port.to_string_lossy(), 921_600)
+            .timeout(Duration::from_millis(50))
+            .open_native()
+            .unwrap();
+        let begin = Message::Begin(Begin {
+            kind: ImageKind::Model,
+            size: 10,
+            sha256: [7; 32],
+            version: "9.0".into(),
+            signature: vec![1; 63],
+        });
+        p.write_all(&encode(&begin).unwrap()).unwrap();
+        let mut rx = Reassembler::new();
+        let mut buf = [0u8; 1024];
+        let mut reply = None;
+        let end = Instant::now() + Duration::from_secs(10);
+        while reply.is_none() && Instant::now() < end {
+            if let Ok(n) = p.read(&mut buf) {
+                rx.push(&buf[..n], |r| {
+                    if let Received::Message(Message::Nack(n)) = r {
+                        reply = Some(n);
+                    }
+                });
+            }
+        }
+        let nack = reply.expect("a Nack for a truncated signature");
+        assert_eq!(nack.reason, NackReason::BadSignature, "{nack:?}");
+        assert!(nack.detail.contains("63 bytes"), "{nack:?}");
+    }
+
     // Signed with another key, or an older version: refused; the active model is unchanged.
     let o = run(&mut flash(
         &host_port,
@@ -244,6 +278,10 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     host.kill().unwrap();
     host.wait().unwrap();
     assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
+    // The device goes down too (SIGKILL, as a power cut would stop it) and comes back.
+    device.kill().unwrap();
+    device.wait().unwrap();
+    device = agent(&device_port, &state, &keys.join("petcam.pub"), &log);
     let o = run(&mut flash(
         &host_port,
         m2,

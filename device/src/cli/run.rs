@@ -79,7 +79,7 @@ pub struct RunArgs {
     /// it is reopened if it disappears.
     #[arg(long, value_name = "PORT")]
     serial: Option<PathBuf>,
-    /// Serial speed [default: 115200].
+    /// Serial speed [default: 921600, as `petcam flash` and `petcam monitor` use].
     #[arg(long, value_name = "BAUD")]
     baud: Option<u32>,
     /// This device's name in telemetry [default: the host name].
@@ -393,7 +393,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             env!("CARGO_PKG_VERSION").to_owned(),
             model_id.clone(),
         );
-        let baud = args.baud.unwrap_or(115_200);
+        let baud = args.baud.unwrap_or(921_600);
         if updater.is_some() {
             Telemetry::serial_with_inbox(port.clone(), baud, hello, inbox_tx.clone())
         } else {
@@ -647,7 +647,7 @@ mod tests {
         assert_eq!(file.serial, Some("/dev/serial0".into()));
         assert_eq!(
             (file.width, file.height, file.baud),
-            (Some(640), Some(480), Some(115_200))
+            (Some(640), Some(480), Some(921_600))
         );
         assert!(file.threshold.is_some() && file.smooth.is_some() && file.max_frames.is_some());
     }

@@ -317,28 +317,7 @@ struct Link {
 
 impl Link {
     fn open(path: &Path, baud: u32) -> anyhow::Result<Self> {
-        if !path.exists() {
-            bail!(
-                "serial port {} does not exist; serial ports here: {}",
-                path.display(),
-                serial_ports().join(", ")
-            );
-        }
-        let port = serialport::new(path.to_string_lossy(), baud)
-            .timeout(Duration::from_millis(20))
-            .open_native()
-            .map_err(|e| {
-                let holders = holders(path);
-                if holders.is_empty() {
-                    anyhow::anyhow!("cannot open the serial port {}: {e}", path.display())
-                } else {
-                    anyhow::anyhow!(
-                        "cannot open the serial port {}: {e}; it is held by {}",
-                        path.display(),
-                        holders.join(", ")
-                    )
-                }
-            })?;
+        let port = open_port(path, baud, Duration::from_millis(20))?;
         Ok(Self {
             port,
             name: path.to_owned(),
@@ -515,8 +494,39 @@ fn refused(n: Nack) -> anyhow::Error {
     anyhow::anyhow!("the device {what}: {}", n.detail)
 }
 
+/// Opens a serial port, or says why not: a missing port lists the ones there are, a busy one
+/// the processes that hold it.
+pub(crate) fn open_port(
+    path: &Path,
+    baud: u32,
+    timeout: Duration,
+) -> anyhow::Result<serialport::TTYPort> {
+    if !path.exists() {
+        bail!(
+            "serial port {} does not exist; serial ports here: {}",
+            path.display(),
+            serial_ports().join(", ")
+        );
+    }
+    serialport::new(path.to_string_lossy(), baud)
+        .timeout(timeout)
+        .open_native()
+        .map_err(|e| {
+            let holders = holders(path);
+            if holders.is_empty() {
+                anyhow::anyhow!("cannot open the serial port {}: {e}", path.display())
+            } else {
+                anyhow::anyhow!(
+                    "cannot open the serial port {}: {e}; it is held by {}",
+                    path.display(),
+                    holders.join(", ")
+                )
+            }
+        })
+}
+
 /// Serial devices present, for an error message.
-pub(crate) fn serial_ports() -> Vec<String> {
+fn serial_ports() -> Vec<String> {
     let mut found: Vec<String> = std::fs::read_dir("/dev")
         .into_iter()
         .flatten()
@@ -542,7 +552,7 @@ pub(crate) fn serial_ports() -> Vec<String> {
 }
 
 /// Processes that have `path` open (from /proc; empty where that cannot be read).
-pub(crate) fn holders(path: &Path) -> Vec<String> {
+fn holders(path: &Path) -> Vec<String> {
     let Ok(target) = std::fs::canonicalize(path) else {
         return Vec::new();
     };

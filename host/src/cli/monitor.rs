@@ -13,15 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use petcam_shared::protocol::{
     self, Heartbeat, Hello, Message, ProtocolError, Reassembler, Received, Role, Status,
     PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 use serialport::TTYPort;
-
-use super::flash::{holders, serial_ports};
 
 /// Watch a petcam device over its serial link: identity, decision, speed, temperature, and its
 /// recent events, errors and logs.
@@ -147,28 +145,7 @@ fn is_transient(e: &std::io::Error) -> bool {
 }
 
 fn open(path: &Path, baud: u32) -> anyhow::Result<TTYPort> {
-    if !path.exists() {
-        bail!(
-            "serial port {} does not exist; serial ports here: {}",
-            path.display(),
-            serial_ports().join(", ")
-        );
-    }
-    serialport::new(path.to_string_lossy(), baud)
-        .timeout(READ_TIMEOUT)
-        .open_native()
-        .map_err(|e| {
-            let holders = holders(path);
-            if holders.is_empty() {
-                anyhow::anyhow!("cannot open the serial port {}: {e}", path.display())
-            } else {
-                anyhow::anyhow!(
-                    "cannot open the serial port {}: {e}; it is held by {}",
-                    path.display(),
-                    holders.join(", ")
-                )
-            }
-        })
+    super::flash::open_port(path, baud, READ_TIMEOUT)
 }
 
 /// The variant name and its fields, from serde's externally tagged form of a message:
