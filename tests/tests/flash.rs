@@ -15,9 +15,17 @@ use petcam_shared::protocol::{
 use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
 use serialport::{SerialPort, TTYPort};
 
-/// Copies bytes from `from` to `to`; while `noisy`, damages 1 byte in 1000: half of them have
-/// a bit flipped, half are dropped.
-fn pump(mut from: TTYPort, mut to: TTYPort, noisy: Arc<AtomicBool>, mut seed: u64) {
+/// What the proxy does to the bytes it carries.
+#[derive(Default)]
+struct Line {
+    /// Damage 1 byte in 1000: half of them have a bit flipped, half are dropped.
+    noisy: AtomicBool,
+    /// About 1 MB/s, so an upload can be caught in the middle.
+    slow: AtomicBool,
+}
+
+/// Copies bytes from `from` to `to`, as `line` says.
+fn pump(mut from: TTYPort, mut to: TTYPort, line: Arc<Line>, mut seed: u64) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         loop {
@@ -28,7 +36,7 @@ fn pump(mut from: TTYPort, mut to: TTYPort, noisy: Arc<AtomicBool>, mut seed: u6
             };
             let mut out = Vec::with_capacity(n);
             for &b in &buf[..n] {
-                if noisy.load(Ordering::Relaxed) {
+                if line.noisy.load(Ordering::Relaxed) {
                     seed = seed
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
@@ -46,28 +54,31 @@ fn pump(mut from: TTYPort, mut to: TTYPort, noisy: Arc<AtomicBool>, mut seed: u6
             if to.write_all(&out).is_err() {
                 return;
             }
+            if line.slow.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(n as u64));
+            }
         }
     });
 }
 
 /// Two pseudo-terminals joined through the proxy: (device side, host side, the slaves to keep
-/// open, the noise switch).
-fn link() -> (PathBuf, PathBuf, Vec<TTYPort>, Arc<AtomicBool>) {
+/// open, what the line does).
+fn link() -> (PathBuf, PathBuf, Vec<TTYPort>, Arc<Line>) {
     let (mut ma, sa) = TTYPort::pair().unwrap();
     let (mut mb, sb) = TTYPort::pair().unwrap();
     for m in [&mut ma, &mut mb] {
         m.set_timeout(Duration::from_millis(50)).unwrap();
     }
-    let noisy = Arc::new(AtomicBool::new(false));
+    let line = Arc::new(Line::default());
     pump(
         ma.try_clone_native().unwrap(),
         mb.try_clone_native().unwrap(),
-        noisy.clone(),
+        line.clone(),
         1,
     );
-    pump(mb, ma, noisy.clone(), 2);
+    pump(mb, ma, line.clone(), 2);
     let (a, b) = (sa.name().unwrap().into(), sb.name().unwrap().into());
-    (a, b, vec![sa, sb], noisy)
+    (a, b, vec![sa, sb], line)
 }
 
 fn agent(port: &Path, state: &Path, trusted: &Path, log: &Path) -> Child {
@@ -161,7 +172,7 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     let other = keys.join("other.key");
     let other = other.to_str().unwrap();
 
-    let (device_port, host_port, _slaves, noisy) = link();
+    let (device_port, host_port, _slaves, line) = link();
     let state = tmp.path().join("state");
     let log = tmp.path().join("agent.log");
     let mut device = agent(&device_port, &state, &keys.join("petcam.pub"), &log);
@@ -261,6 +272,7 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
 
     // The host is killed part-way; run again, it resumes past 0 and completes.
+    line.slow.store(true, Ordering::Relaxed);
     let mut host = flash(&host_port, m2, &["--key", key, "--image-version", "3.0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -277,6 +289,7 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     }
     host.kill().unwrap();
     host.wait().unwrap();
+    line.slow.store(false, Ordering::Relaxed);
     assert_eq!(active_bytes(&state).as_deref(), Some(&m1_bytes[..]));
     // The device goes down too (SIGKILL, as a power cut would stop it) and comes back.
     device.kill().unwrap();
@@ -294,13 +307,13 @@ fn models_are_flashed_signed_resumed_and_never_half_installed() {
     assert_eq!(active_bytes(&state).as_deref(), Some(&m2_bytes[..]));
 
     // A line that flips and drops bytes: the upload still completes with the right bytes.
-    noisy.store(true, Ordering::Relaxed);
+    line.noisy.store(true, Ordering::Relaxed);
     let o = run(&mut flash(
         &host_port,
         m1,
         &["--key", key, "--image-version", "4.0"],
     ));
-    noisy.store(false, Ordering::Relaxed);
+    line.noisy.store(false, Ordering::Relaxed);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = json_of(&o);
     assert!(report["resends"].as_u64().unwrap() > 0, "{report}");
@@ -375,7 +388,7 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (m1, m2) = two_models(&data, &weights, tmp.path());
-    let (device_port, host_port, _slaves, _noisy) = link();
+    let (device_port, host_port, _slaves, line) = link();
     let state = tmp.path().join("state");
     let photos = tmp.path().join("photos/cat");
     let log = tmp.path().join("run.log");
@@ -433,14 +446,20 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
     );
     assert_eq!(active_bytes(&state), None);
 
-    // The real one: accepted, and the running program switches to it.
+    // The real one, over a slow line: accepted, and the running program switches to it.
+    line.slow.store(true, Ordering::Relaxed);
     let o = run(&mut flash(&host_port, &m2, &[]));
+    line.slow.store(false, Ordering::Relaxed);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = json_of(&o);
     let m2_id = report["active_model"].as_str().unwrap().to_owned();
     // Heartbeats kept coming during the upload, about one a second.
     let seconds = report["upload_s"].as_f64().unwrap();
     let beats = report["heartbeats"].as_u64().unwrap();
+    assert!(
+        seconds >= 2.0,
+        "the upload was too quick to tell: {seconds} s"
+    );
     assert!(
         beats as f64 >= seconds.floor() - 1.0,
         "{beats} heartbeats in {seconds} s"
@@ -535,7 +554,7 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 #[test]
 fn a_flashed_binary_is_self_tested_switched_to_and_rolled_back_if_it_does_not_stay_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let (device_port, host_port, _slaves, _noisy) = link();
+    let (device_port, host_port, _slaves, _line) = link();
     let state = tmp.path().join("state");
     let log = tmp.path().join("device.log");
     let current = Arc::new(std::sync::Mutex::new(None));

@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         version: version.clone(),
         signature,
     });
-    let mut offset = link.exchange(&begin, args.retries, Duration::from_secs(5), "Begin")?;
+    let offset = link.exchange(&begin, args.retries, Duration::from_secs(5), "Begin")?;
     let resumed_from = offset;
     if offset > 0 {
         tracing::info!(
@@ -133,50 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     bar.set_position(offset);
     let start = Instant::now();
-    let mut wire_bytes = 0u64;
-    // Chunks shrink when the line loses them (a damaged byte costs the whole frame) and grow
-    // back while it does not; the wait for an acknowledgement follows the measured round trip.
-    let mut size = CHUNK_SIZE;
-    let mut clean = 0u32;
-    let mut failures = 0u32;
-    let mut rtt = Duration::from_millis(50);
-    while offset < image.len() as u64 {
-        let end = (offset as usize + size).min(image.len());
-        let chunk = Message::Chunk(Chunk {
-            offset,
-            data: image[offset as usize..end].to_vec(),
-        });
-        // Time on the wire, both ways, at the port's baud rate (10 bits a byte).
-        let wire =
-            Duration::from_secs_f64((end - offset as usize + 64) as f64 * 10.0 / args.baud as f64);
-        let timeout = (rtt * 3 + wire * 2 + Duration::from_millis(5)) * (1 << failures.min(5));
-        let sent_at = Instant::now();
-        match link.exchange_counting(&chunk, 0, timeout.min(Duration::from_secs(10))) {
-            Ok((acked, sent)) => {
-                wire_bytes += sent;
-                rtt = (rtt * 7 + sent_at.elapsed()) / 8;
-                offset = acked;
-                failures = 0;
-                clean += 1;
-                if clean >= 16 && size < CHUNK_SIZE {
-                    size *= 2;
-                    clean = 0;
-                }
-            }
-            Err(e) if e.downcast_ref::<NoAnswer>().is_some() => {
-                wire_bytes += (end - offset as usize) as u64;
-                link.resends += 1;
-                failures += 1;
-                clean = 0;
-                size = (size / 2).max(MIN_CHUNK);
-                if failures > args.retries {
-                    return Err(e);
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        bar.set_position(offset);
-    }
+    let wire_bytes = send_window(&mut link, &image, offset, args.baud, args.retries, &bar)?;
     bar.finish_and_clear();
     let sent_bytes = image.len() as u64 - resumed_from;
     let upload_s = start.elapsed().as_secs_f64();
@@ -276,6 +233,113 @@ fn reconnect(port: &Path, baud: u32, timeout: Duration) -> anyhow::Result<Link> 
             Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     }
+}
+
+/// Chunks in flight before the first is acknowledged: enough to keep a UART with a few
+/// milliseconds of adapter latency busy (8 x 2048 bytes is 178 ms at 921600 baud).
+const WINDOW: usize = 8;
+
+/// Sends `image` from `offset` on: up to [`WINDOW`] chunks ahead of the last acknowledgement
+/// (go-back-N). The device writes chunks only in order and answers one that is not where it
+/// expects with the offset it holds, so a lost or damaged chunk makes the host go back there;
+/// a silence longer than the measured round trip makes it go back to the last acknowledged
+/// offset. On a lossy line chunks shrink (a damaged byte costs the whole frame) and grow back
+/// while they arrive. Returns the bytes written to the link.
+fn send_window(
+    link: &mut Link,
+    image: &[u8],
+    offset: u64,
+    baud: u32,
+    retries: u32,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let total = image.len() as u64;
+    let mut acked = offset;
+    let mut next = offset;
+    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut size = CHUNK_SIZE;
+    let (mut clean, mut failures) = (0u32, 0u32);
+    let mut rtt = Duration::from_millis(50);
+    let mut wire_bytes = 0u64;
+    // Where the last go-back went: further refusals naming it are echoes of chunks already
+    // in flight then, not news.
+    let mut went_back_to = None;
+    // Time for a chunk to cross the line at the port's speed (10 bits a byte).
+    let wire = |bytes: usize| Duration::from_secs_f64((bytes + 64) as f64 * 10.0 / baud as f64);
+    while acked < total {
+        while in_flight.len() < WINDOW && next < total {
+            let end = (next + size as u64).min(total);
+            let chunk = Message::Chunk(Chunk {
+                offset: next,
+                data: image[next as usize..end as usize].to_vec(),
+            });
+            wire_bytes += link.send(&chunk)?;
+            in_flight.push_back((end, Instant::now()));
+            next = end;
+        }
+        let timeout = (rtt * 3 + wire(size) * 2 * WINDOW as u32 + Duration::from_millis(5))
+            * (1 << failures.min(5));
+        let reply = link.recv(timeout.min(Duration::from_secs(10)))?;
+        match reply {
+            Some(Message::Ack { offset: a }) if a > acked && a <= total => {
+                while let Some(&(end, sent_at)) = in_flight.front() {
+                    if end > a {
+                        break;
+                    }
+                    if end == a {
+                        rtt = (rtt * 7 + sent_at.elapsed()) / 8;
+                    }
+                    in_flight.pop_front();
+                }
+                acked = a;
+                failures = 0;
+                clean += 1;
+                if clean >= 16 && size < CHUNK_SIZE {
+                    size *= 2;
+                    clean = 0;
+                }
+                bar.set_position(acked);
+            }
+            Some(Message::Nack(Nack {
+                reason: NackReason::BadOffset,
+                expected_offset,
+                ..
+            })) => {
+                if went_back_to != Some(expected_offset) && expected_offset <= total {
+                    link.resends += 1;
+                    went_back_to = Some(expected_offset);
+                    acked = acked.max(expected_offset);
+                    next = expected_offset;
+                    in_flight.clear();
+                    size = (size / 2).max(MIN_CHUNK);
+                    clean = 0;
+                }
+            }
+            Some(Message::Nack(n)) => return Err(refused(n)),
+            Some(Message::Heartbeat(_)) => link.heartbeats += 1,
+            // Stale acknowledgements and other telemetry.
+            Some(_) => {}
+            None => {
+                // Silence: everything in flight is presumed lost.
+                failures += 1;
+                if failures > retries {
+                    return Err(NoAnswer {
+                        port: link.name.display().to_string(),
+                        what: format!("the chunk at {acked}"),
+                        tries: failures,
+                    }
+                    .into());
+                }
+                link.resends += 1;
+                went_back_to = None;
+                next = acked;
+                in_flight.clear();
+                size = (size / 2).max(MIN_CHUNK);
+                clean = 0;
+            }
+        }
+    }
+    Ok(wire_bytes)
 }
 
 /// Smallest chunk sent on a bad line.
@@ -408,15 +472,6 @@ impl Link {
     ) -> anyhow::Result<u64> {
         self.exchange_inner(m, retries, timeout, what)
             .map(|(o, _)| o)
-    }
-
-    fn exchange_counting(
-        &mut self,
-        m: &Message,
-        retries: u32,
-        timeout: Duration,
-    ) -> anyhow::Result<(u64, u64)> {
-        self.exchange_inner(m, retries, timeout, "chunk")
     }
 
     fn exchange_inner(
