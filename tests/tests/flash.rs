@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petcam_shared::protocol::{
-    encode, Begin, ImageKind, Message, NackReason, Reassembler, Received,
+    encode, Begin, Hello, ImageKind, Message, NackReason, Reassembler, Received, Role,
+    PROTOCOL_VERSION,
 };
 use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
 use serialport::{SerialPort, TTYPort};
@@ -645,4 +646,64 @@ fn a_flashed_binary_is_self_tested_switched_to_and_rolled_back_if_it_does_not_st
         logged.contains("never confirmed itself; rolled back"),
         "{logged}"
     );
+}
+
+#[test]
+fn flash_names_a_missing_port_a_silent_device_and_another_protocol_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("image.bin");
+    std::fs::write(&file, b"not a model").unwrap();
+    let args = ["--no-local-check", "--image-version", "1", "--retries", "1"];
+
+    let o = run(&mut flash(Path::new("/dev/ttyPETCAM-none"), &file, &args));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/dev/ttyPETCAM-none does not exist; serial ports here:"),
+        "{err}"
+    );
+
+    // Nobody on the far end.
+    let (device_port, host_port, _slaves, _line) = link();
+    let o = run(&mut flash(&host_port, &file, &args));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no answer from a petcam device"), "{err}");
+
+    // A device of a later protocol version answers the Hello.
+    let stop = Arc::new(AtomicBool::new(false));
+    let device = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut p = serialport::new(device_port.to_string_lossy(), 921_600)
+                .timeout(Duration::from_millis(50))
+                .open_native()
+                .unwrap();
+            let mut rx = Reassembler::new();
+            let mut buf = [0u8; 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(n) = p.read(&mut buf) else { continue };
+                let mut hello = false;
+                rx.push(&buf[..n], |r| {
+                    hello |= matches!(r, Received::Message(Message::Hello(_)))
+                });
+                if hello {
+                    let mut theirs = Hello::new(Role::Device, "future", "9.0", "");
+                    theirs.protocol_version = PROTOCOL_VERSION + 1;
+                    p.write_all(&encode(&Message::Hello(theirs)).unwrap())
+                        .unwrap();
+                }
+            }
+        })
+    };
+    let o = run(&mut flash(&host_port, &file, &args));
+    stop.store(true, Ordering::Relaxed);
+    device.join().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let both = format!(
+        "this side speaks version {PROTOCOL_VERSION}, the peer speaks version {}",
+        PROTOCOL_VERSION + 1
+    );
+    assert!(err.contains(&both), "{err}");
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ed25519_dalek::Signer;
 use petcam_shared::protocol::{
-    self, Begin, Chunk, ImageKind, Message, Nack, NackReason, Reassembler, Received, Role,
-    CHUNK_SIZE,
+    self, Begin, Chunk, ImageKind, Message, Nack, NackReason, ProtocolError, Reassembler, Received,
+    Role, CHUNK_SIZE,
 };
 use petcam_shared::signing;
 use sha2::Digest;
@@ -377,6 +377,8 @@ struct Link {
     rejected: u64,
     /// Heartbeats the device sent while waiting for its replies: telemetry kept flowing.
     heartbeats: u64,
+    /// A frame refused because the device speaks another protocol version.
+    version_mismatch: Option<ProtocolError>,
 }
 
 impl Link {
@@ -390,6 +392,7 @@ impl Link {
             resends: 0,
             rejected: 0,
             heartbeats: 0,
+            version_mismatch: None,
         })
     }
 
@@ -415,14 +418,24 @@ impl Link {
             }
             match self.port.read(&mut buf) {
                 Ok(n) => {
-                    let (inbox, rejected) = (&mut self.inbox, &mut self.rejected);
+                    let (inbox, rejected, version) = (
+                        &mut self.inbox,
+                        &mut self.rejected,
+                        &mut self.version_mismatch,
+                    );
                     self.rx.push(&buf[..n], |r| match r {
                         Received::Message(m) => inbox.push_back(m),
                         Received::Rejected { bytes, error } => {
                             *rejected += 1;
                             tracing::debug!(bytes, %error, "rejected a frame from the device");
+                            if let ProtocolError::Version { .. } = error {
+                                *version = Some(error);
+                            }
                         }
                     });
+                    if let Some(e) = self.version_mismatch.take() {
+                        bail!("the device on {} answered: {e}", self.name.display());
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
