@@ -42,8 +42,12 @@ pub struct SharedDepthwise {
     batch: usize,
     layout: Layout,
     /// `C x kh x kw` for channels-first layouts; `kh x kw x C` for channels-last, so a tap's
-    /// weights for all channels are adjacent, as the pixels they multiply are.
+    /// weights for all channels are adjacent, as the pixels they multiply are; for a dense
+    /// convolution `kh x kw x Cin x C`.
     weight: Arc<Vec<f32>>,
+    /// A dense (not depthwise) channels-last convolution with this many input channels: the
+    /// stem, whose 3 RGB inputs make tract's im2col and matrix product mostly overhead.
+    dense_inputs: Option<usize>,
     bias: Arc<Vec<f32>>,
     threads: usize,
 }
@@ -53,6 +57,7 @@ impl PartialEq for SharedDepthwise {
         self.geometry == other.geometry
             && self.batch == other.batch
             && self.layout == other.layout
+            && self.dense_inputs == other.dense_inputs
             && self.weight == other.weight
             && self.bias == other.bias
             && self.threads == other.threads
@@ -206,7 +211,8 @@ impl SharedDepthwise {
     fn run_channels_last(&self, input: &[f32], output: &mut [f32]) {
         let g = &self.geometry;
         let row_len = g.out_w() * g.channels;
-        let (in_image, out_image) = (g.in_h * g.in_w * g.channels, g.out_h() * row_len);
+        let in_channels = self.dense_inputs.unwrap_or(g.channels);
+        let (in_image, out_image) = (g.in_h * g.in_w * in_channels, g.out_h() * row_len);
         let rows = self.batch * g.out_h();
         let threads = self
             .threads
@@ -218,7 +224,10 @@ impl SharedDepthwise {
             for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
                 let (n, oy) = ((first + i) / g.out_h(), (first + i) % g.out_h());
                 let image = &input[n * in_image..(n + 1) * in_image];
-                hwc_row(g, image, &self.weight, &self.bias, oy, row);
+                match self.dense_inputs {
+                    Some(cin) => dense_hwc_row(g, cin, image, &self.weight, &self.bias, oy, row),
+                    None => hwc_row(g, image, &self.weight, &self.bias, oy, row),
+                }
             }
         });
     }
@@ -317,6 +326,103 @@ fn hwc_row_generic<const FMA: bool>(
     }
 }
 
+/// One output row of a dense channels-last convolution with few input channels.
+fn dense_hwc_row(
+    g: &DepthwiseConv,
+    cin: usize,
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { dense_hwc_row_avx2(g, cin, image, weight, bias, oy, row) };
+    }
+    dense_hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, cin, image, weight, bias, oy, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dense_hwc_row_avx2(
+    g: &DepthwiseConv,
+    cin: usize,
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    dense_hwc_row_generic::<true>(g, cin, image, weight, bias, oy, row)
+}
+
+/// As [`hwc_row_generic`], but every output channel sums over all `cin` input channels of
+/// each tap: `weight` is `kh x kw x cin x C`.
+#[inline(always)]
+fn dense_hwc_row_generic<const FMA: bool>(
+    g: &DepthwiseConv,
+    cin: usize,
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    let c = g.channels;
+    let (lo, hi) = match g.activation {
+        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        Activation::Clamp { min, max } => (min, max),
+    };
+    for (ox, out) in row.chunks_exact_mut(c).enumerate() {
+        let mut first = 0;
+        while first < c {
+            let n = (c - first).min(BLOCK);
+            let mut acc = [0f32; BLOCK];
+            acc[..n].copy_from_slice(&bias[first..first + n]);
+            for ky in 0..g.kernel_h {
+                let Some(iy) = (oy * g.stride_h + ky)
+                    .checked_sub(g.pad_top)
+                    .filter(|&y| y < g.in_h)
+                else {
+                    continue;
+                };
+                for kx in 0..g.kernel_w {
+                    let Some(ix) = (ox * g.stride_w + kx)
+                        .checked_sub(g.pad_left)
+                        .filter(|&x| x < g.in_w)
+                    else {
+                        continue;
+                    };
+                    let pixel = &image[(iy * g.in_w + ix) * cin..][..cin];
+                    for (i, &x) in pixel.iter().enumerate() {
+                        let w = &weight[((ky * g.kernel_w + kx) * cin + i) * c + first..][..n];
+                        if n == BLOCK {
+                            let w = &w[..BLOCK];
+                            for j in 0..BLOCK {
+                                acc[j] = madd::<FMA>(x, w[j], acc[j]);
+                            }
+                        } else {
+                            for j in 0..n {
+                                acc[j] = madd::<FMA>(x, w[j], acc[j]);
+                            }
+                        }
+                    }
+                }
+            }
+            for (o, &v) in out[first..first + n].iter_mut().zip(&acc[..n]) {
+                let v = if v < lo { lo } else { v };
+                *o = if v > hi { hi } else { v };
+            }
+            first += n;
+        }
+    }
+}
+
+/// Input channels up to which a dense channels-last convolution runs here (the RGB stem).
+const MAX_DENSE_INPUTS: usize = 4;
+
 /// Channels per register block of the channels-last kernel.
 const BLOCK: usize = 32;
 
@@ -331,7 +437,10 @@ fn madd<const FMA: bool>(x: f32, w: f32, acc: f32) -> f32 {
 
 impl Op for SharedDepthwise {
     fn name(&self) -> StaticName {
-        "PetcamDepthwise".into()
+        match self.dense_inputs {
+            Some(_) => "PetcamStemConv".into(),
+            None => "PetcamDepthwise".into(),
+        }
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -352,7 +461,8 @@ impl EvalOp for SharedDepthwise {
         let input = args_1!(inputs);
         let input = input.try_as_plain_ram()?.as_slice::<f32>()?;
         let g = &self.geometry;
-        ensure!(input.len() == self.batch * g.channels * g.input_plane_len());
+        let in_channels = self.dense_inputs.unwrap_or(g.channels);
+        ensure!(input.len() == self.batch * in_channels * g.input_plane_len());
         let mut output = Tensor::zero::<f32>(&self.out_shape())?;
         self.run(input, output.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
         Ok(tvec!(output.into_tvalue()))
@@ -376,11 +486,14 @@ fn replacement(
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
     };
-    let channels = conv.input_channels();
     let spec = &conv.pool_spec;
+    let (cin, channels) = (conv.input_channels(), conv.output_channels());
+    // The stem: dense, a few input channels, channels-last.
+    let dense = conv.group == 1
+        && cin <= MAX_DENSE_INPUTS
+        && matches!(spec.data_format, DataFormat::NHWC | DataFormat::HWC);
     if conv.q_params.is_some()
-        || conv.group != channels
-        || conv.output_channels() != channels
+        || !(dense || (conv.group == cin && cin == channels))
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.kernel_shape.len() != 2
         || spec.dilations().iter().any(|&d| d != 1)
@@ -406,7 +519,7 @@ fn replacement(
         (Layout::Hwc, &[h, w, c]) => (1, [c, h, w]),
         _ => return Ok(None),
     };
-    if fact.datum_type != f32::datum_type() || dims[0] != channels {
+    if fact.datum_type != f32::datum_type() || dims[0] != cin {
         return Ok(None);
     }
     let konst = |i: usize| model.outlet_fact(node.inputs[i]).map(|f| f.konst.clone());
@@ -414,7 +527,8 @@ fn replacement(
         return Ok(None);
     };
     let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
-    if weight.datum_type() != f32::datum_type() || weight.len() != channels * kh * kw {
+    let per_output = if dense { cin } else { 1 };
+    if weight.datum_type() != f32::datum_type() || weight.len() != channels * per_output * kh * kw {
         return Ok(None);
     }
     let bias: Vec<f32> = match bias.len() {
@@ -448,9 +562,17 @@ fn replacement(
         return Ok(None);
     }
     let weight = weight.try_as_plain_ram()?.as_slice::<f32>()?;
-    let weight = if layout.channels_last() {
+    let taps = kh * kw;
+    let weight = if dense {
+        // C x Cin x kh x kw → kh x kw x Cin x C.
+        (0..taps * cin * channels)
+            .map(|i| {
+                let (tap, ci, co) = (i / (cin * channels), i / channels % cin, i % channels);
+                weight[(co * cin + ci) * taps + tap]
+            })
+            .collect()
+    } else if layout.channels_last() {
         // C x kh x kw → kh x kw x C.
-        let taps = kh * kw;
         (0..taps * channels)
             .map(|i| weight[(i % channels) * taps + i / channels])
             .collect()
@@ -461,6 +583,7 @@ fn replacement(
         geometry,
         batch,
         layout,
+        dense_inputs: dense.then_some(cin),
         weight: Arc::new(weight),
         bias: Arc::new(bias),
         threads: threads.max(1),
@@ -520,6 +643,8 @@ fn clamp_after(model: &TypedModel, id: usize) -> TractResult<Option<(f32, f32, u
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replaced {
     pub depthwise: usize,
+    /// Dense convolutions with few input channels (the stem).
+    pub dense: usize,
     /// Clamps (ReLU6) fused into a replaced depthwise convolution.
     pub clamps: usize,
 }
@@ -541,12 +666,17 @@ pub fn replace_depthwise(model: &mut TypedModel, threads: usize) -> TractResult<
         }
         let mut patch = TypedModelPatch::default();
         let x = patch.tap_model(model, node.inputs[0])?;
+        let dense = op.dense_inputs.is_some();
         let y = patch.wire_node(&node.name, op, &[x])?[0];
         patch.shunt_outside(model, output, y)?;
         patch.apply(model)?;
-        done.depthwise += 1;
+        if dense {
+            done.dense += 1;
+        } else {
+            done.depthwise += 1;
+        }
     }
-    if done.depthwise > 0 {
+    if done.depthwise + done.dense > 0 {
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(done)
@@ -567,6 +697,40 @@ mod tests {
         relu6: bool,
         channels_last: bool,
     ) -> TypedModel {
+        let format = if channels_last {
+            DataFormat::NHWC
+        } else {
+            DataFormat::NCHW
+        };
+        let conv = conv_op(format, (c, c), c, (k, stride), padding);
+        conv_model(input_shape(c, hw, channels_last), conv, seed, relu6)
+    }
+
+    fn conv_op(
+        data_format: DataFormat,
+        (input_channels, output_channels): (usize, usize),
+        group: usize,
+        (k, stride): (usize, usize),
+        padding: PaddingSpec,
+    ) -> Conv {
+        Conv {
+            pool_spec: PoolSpec {
+                data_format,
+                kernel_shape: tvec!(k, k),
+                padding,
+                dilations: None,
+                strides: Some(tvec!(stride, stride)),
+                input_channels,
+                output_channels,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group,
+            q_params: None,
+        }
+    }
+
+    /// `conv` on an input of `shape`, random weights and bias, then ReLU6 if asked.
+    fn conv_model(shape: [usize; 4], conv: Conv, seed: u64, relu6: bool) -> TypedModel {
         let mut rng = seed;
         let mut random = |n: usize| -> Vec<f32> {
             (0..n)
@@ -578,37 +742,20 @@ mod tests {
                 })
                 .collect()
         };
+        let (cout, per_group) = (conv.output_channels(), conv.input_channels() / conv.group);
+        let k = conv.pool_spec.kernel_shape[0];
         let mut model = TypedModel::default();
-        let x = model
-            .add_source("x", f32::fact(input_shape(c, hw, channels_last)))
-            .unwrap();
+        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let weights = random(cout * per_group * k * k);
         let w = model
             .add_const(
                 "w",
-                Tensor::from_shape(&[c, 1, k, k], &random(c * k * k)).unwrap(),
+                Tensor::from_shape(&[cout, per_group, k, k], &weights).unwrap(),
             )
             .unwrap();
         let b = model
-            .add_const("b", Tensor::from_shape(&[c], &random(c)).unwrap())
+            .add_const("b", Tensor::from_shape(&[cout], &random(cout)).unwrap())
             .unwrap();
-        let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: if channels_last {
-                    DataFormat::NHWC
-                } else {
-                    DataFormat::NCHW
-                },
-                kernel_shape: tvec!(k, k),
-                padding,
-                dilations: None,
-                strides: Some(tvec!(stride, stride)),
-                input_channels: c,
-                output_channels: c,
-            },
-            kernel_fmt: KernelFormat::OIHW,
-            group: c,
-            q_params: None,
-        };
         let mut y = model.wire_node("conv", conv, &[x, w, b]).unwrap();
         if relu6 {
             // As tract declutters ONNX's Clip(0, 6).
@@ -631,6 +778,95 @@ mod tests {
         }
         model.select_output_outlets(&y).unwrap();
         model
+    }
+
+    /// Runs `model` through tract alone and with the replacement on `threads` (as a plan runs
+    /// with `RunOptions { executor }`): the largest difference relative to the largest output
+    /// (summation orders differ), tract's output and ours.
+    fn compare(
+        model: TypedModel,
+        x: Tensor,
+        threads: usize,
+        expect: Replaced,
+    ) -> (f32, Vec<f32>, Vec<f32>) {
+        let mut ours = model.clone().into_decluttered().unwrap();
+        assert_eq!(replace_depthwise(&mut ours, threads).unwrap(), expect);
+        let tract = model.into_optimized().unwrap().into_runnable().unwrap();
+        let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
+        let want = tract.run(tvec!(x.clone().into())).unwrap().remove(0);
+        let executor = if threads > 1 {
+            tract_linalg::multithread::Executor::multithread(threads)
+        } else {
+            tract_linalg::multithread::Executor::SingleThread
+        };
+        let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+            ours.run(tvec!(x.into())).unwrap().remove(0)
+        });
+        assert_eq!(want.shape(), got.shape());
+        let want: Vec<f32> = want
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let got: Vec<f32> = got
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let worst = want
+            .iter()
+            .zip(got.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        (worst / scale, want, got)
+    }
+
+    #[test]
+    fn the_stem_convolution_matches_tracts_own() {
+        // (input channels, output channels, input size, kernel and stride, padding)
+        let cases = [
+            (
+                3,
+                32,
+                (224, 224),
+                (3, 2),
+                PaddingSpec::ExplicitOnnxPool(tvec!(1, 1), tvec!(1, 1), false),
+            ),
+            (3, 40, (33, 20), (3, 2), PaddingSpec::SameUpper),
+            (1, 8, (17, 18), (5, 1), PaddingSpec::Valid),
+            (
+                4,
+                70,
+                (30, 31),
+                (3, 1),
+                PaddingSpec::ExplicitOnnxPool(tvec!(0, 2), tvec!(2, 1), false),
+            ),
+        ];
+        for (i, (cin, cout, hw, ks, padding)) in cases.into_iter().enumerate() {
+            for (threads, relu6) in [(1, false), (2, false), (1, true), (2, true)] {
+                let conv = conv_op(DataFormat::NHWC, (cin, cout), 1, ks, padding.clone());
+                let shape = [1, hw.0, hw.1, cin];
+                let model = conv_model(shape, conv, i as u64, relu6);
+                let x = Tensor::from_shape(&shape, &random_input(shape.iter().product(), i as u32))
+                    .unwrap();
+                let expect = Replaced {
+                    depthwise: 0,
+                    dense: 1,
+                    clamps: usize::from(relu6),
+                };
+                let (worst, want, _) = compare(model, x, threads, expect);
+                assert!(
+                    worst <= 1e-5,
+                    "case {i}, {threads} thread(s), relu6 {relu6}: {worst}"
+                );
+                if relu6 {
+                    assert!(want.contains(&0.0) && want.contains(&6.0));
+                }
+            }
+        }
     }
 
     fn input_shape(c: usize, hw: (usize, usize), channels_last: bool) -> [usize; 4] {
@@ -687,52 +923,25 @@ mod tests {
                     relu6,
                     channels_last,
                 );
-                let mut ours = model.clone().into_decluttered().unwrap();
-                let done = replace_depthwise(&mut ours, threads).unwrap();
-                let clamps = usize::from(relu6);
-                assert_eq!(
-                    done,
-                    Replaced {
-                        depthwise: 1,
-                        clamps
-                    },
-                    "case {i}"
-                );
-                let tract = model.into_optimized().unwrap().into_runnable().unwrap();
-                let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
                 let x = Tensor::from_shape(
                     &input_shape(c, hw, channels_last),
                     &random_input(c * hw.0 * hw.1, i as u32),
                 )
                 .unwrap();
-                let want = tract.run(tvec!(x.clone().into())).unwrap().remove(0);
-                // With 2 threads, the way a plan runs with `RunOptions { executor }`.
-                let executor = if threads > 1 {
-                    tract_linalg::multithread::Executor::multithread(threads)
-                } else {
-                    tract_linalg::multithread::Executor::SingleThread
+                let expect = Replaced {
+                    depthwise: 1,
+                    dense: 0,
+                    clamps: usize::from(relu6),
                 };
-                let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
-                    ours.run(tvec!(x.into())).unwrap().remove(0)
-                });
-                assert_eq!(want.shape(), got.shape(), "case {i}");
-                let want = want.to_plain_array_view::<f32>().unwrap();
-                let got = got.to_plain_array_view::<f32>().unwrap();
-                // Summation order differs: compare relative to the largest output.
-                let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let worst = want
-                    .iter()
-                    .zip(got.iter())
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
+                let (worst, want, got) = compare(model, x, threads, expect);
                 assert!(
-                    worst <= 1e-5 * scale,
+                    worst <= 1e-5,
                     "case {i}, {threads} thread(s), relu6 {relu6}, channels last \
-                     {channels_last}: max difference {worst}"
+                     {channels_last}: max difference {worst} of the largest output"
                 );
                 if relu6 {
                     // Both bounds are reached, so the fused clamp is exercised.
-                    assert!(want.iter().any(|&v| v == 0.0) && want.iter().any(|&v| v == 6.0));
+                    assert!(want.contains(&0.0) && want.contains(&6.0));
                     assert!(got.iter().all(|&v| (0.0..=6.0).contains(&v)));
                 }
             }
