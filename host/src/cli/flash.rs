@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         version: version.clone(),
         signature,
     });
-    let offset = link.exchange(&begin, args.retries, Duration::from_secs(5), "Begin")?;
+    let offset = link.exchange(&begin, args.retries, Duration::from_secs(5), "Begin", None)?;
     let resumed_from = offset;
     if offset > 0 {
         tracing::info!(
@@ -142,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         1,
         Duration::from_secs(args.commit_timeout),
         "Commit",
+        Some(image.len() as u64),
     )?;
     let status = match kind {
         ImageKind::Model => link.status(args.retries)?,
@@ -315,6 +316,14 @@ fn send_window(
                     clean = 0;
                 }
             }
+            Some(Message::Nack(Nack {
+                reason: NackReason::NoUpload,
+                ..
+            })) => bail!(
+                "the device on {} dropped the upload at {acked} bytes (did it restart?); run \
+                 petcam flash again: it resumes from what the device kept",
+                link.name.display()
+            ),
             Some(Message::Nack(n)) => return Err(refused(n)),
             Some(Message::Heartbeat(_)) => link.heartbeats += 1,
             // Stale acknowledgements and other telemetry.
@@ -384,6 +393,8 @@ struct Link {
 impl Link {
     fn open(path: &Path, baud: u32) -> anyhow::Result<Self> {
         let port = open_port(path, baud, Duration::from_millis(20))?;
+        // Whatever waits in the port's buffer answers an earlier session.
+        let _ = serialport::SerialPort::clear(&port, serialport::ClearBuffer::Input);
         Ok(Self {
             port,
             name: path.to_owned(),
@@ -475,43 +486,38 @@ impl Link {
         )
     }
 
-    /// Sends `m` until the device acknowledges it; the acknowledged offset.
+    /// Sends `m` until the device acknowledges it; the acknowledged offset. Refusals that only
+    /// a chunk can get are echoes of chunks sent earlier, not answers to `m`: chunks of an
+    /// earlier session (no upload in progress), and chunks sent twice (the device holds
+    /// `stale`, everything).
     fn exchange(
         &mut self,
         m: &Message,
         retries: u32,
         timeout: Duration,
         what: &str,
+        stale: Option<u64>,
     ) -> anyhow::Result<u64> {
-        self.exchange_inner(m, retries, timeout, what)
-            .map(|(o, _)| o)
-    }
-
-    fn exchange_inner(
-        &mut self,
-        m: &Message,
-        retries: u32,
-        timeout: Duration,
-        what: &str,
-    ) -> anyhow::Result<(u64, u64)> {
         let mut wait = timeout;
-        let mut sent = 0;
         for attempt in 0..=retries {
             if attempt > 0 {
                 self.resends += 1;
                 tracing::debug!(attempt, what, "no reply; sending again");
             }
-            sent += self.send(m)?;
+            self.send(m)?;
             let deadline = Instant::now() + wait;
             while let Some(reply) = self.recv(deadline.saturating_duration_since(Instant::now()))? {
                 match reply {
-                    Message::Ack { offset } => return Ok((offset, sent)),
-                    // The device expects another offset: continue from there.
+                    Message::Ack { offset } => return Ok(offset),
                     Message::Nack(Nack {
                         reason: NackReason::BadOffset,
                         expected_offset,
                         ..
-                    }) if matches!(m, Message::Chunk(_)) => return Ok((expected_offset, sent)),
+                    }) if Some(expected_offset) == stale => {}
+                    Message::Nack(Nack {
+                        reason: NackReason::NoUpload,
+                        ..
+                    }) if matches!(m, Message::Begin(_)) => {}
                     Message::Nack(n) => return Err(refused(n)),
                     Message::Heartbeat(_) => self.heartbeats += 1,
                     // Other telemetry and stale replies are not answers to this message.
