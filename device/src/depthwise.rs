@@ -48,6 +48,9 @@ pub struct SharedDepthwise {
     /// A dense (not depthwise) channels-last convolution with this many input channels: the
     /// stem, whose 3 RGB inputs make tract's im2col and matrix product mostly overhead.
     dense_inputs: Option<usize>,
+    /// The input is the model's u8 image, normalised here as `(x - offset) * scale` instead of
+    /// by a cast and two elementwise operators before the stem.
+    input_affine: Option<(f32, f32)>,
     bias: Arc<Vec<f32>>,
     threads: usize,
 }
@@ -58,6 +61,8 @@ impl PartialEq for SharedDepthwise {
             && self.batch == other.batch
             && self.layout == other.layout
             && self.dense_inputs == other.dense_inputs
+            && self.input_affine.map(|(o, s)| (o.to_bits(), s.to_bits()))
+                == other.input_affine.map(|(o, s)| (o.to_bits(), s.to_bits()))
             && self.weight == other.weight
             && self.bias == other.bias
             && self.threads == other.threads
@@ -66,6 +71,49 @@ impl PartialEq for SharedDepthwise {
 
 // Weights and activation bounds are finite, so equality is reflexive.
 impl Eq for SharedDepthwise {}
+
+/// The op's input: activations, or the model's u8 image with its normalisation.
+#[derive(Clone, Copy)]
+enum Image<'a> {
+    F32(&'a [f32]),
+    U8 {
+        data: &'a [u8],
+        offset: f32,
+        scale: f32,
+    },
+}
+
+impl<'a> Image<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Image::F32(d) => d.len(),
+            Image::U8 { data, .. } => data.len(),
+        }
+    }
+
+    /// `len` values from `start`.
+    fn slice(&self, start: usize, len: usize) -> Image<'a> {
+        match *self {
+            Image::F32(d) => Image::F32(&d[start..start + len]),
+            Image::U8 {
+                data,
+                offset,
+                scale,
+            } => Image::U8 {
+                data: &data[start..start + len],
+                offset,
+                scale,
+            },
+        }
+    }
+
+    fn floats(&self) -> TractResult<&'a [f32]> {
+        match *self {
+            Image::F32(d) => Ok(d),
+            Image::U8 { .. } => bail!("a u8 input reached a layer that takes floats"),
+        }
+    }
+}
 
 /// Below this many output values per channel group, a second thread costs more than it saves.
 const MIN_PER_THREAD: usize = 16 * 1024;
@@ -82,10 +130,11 @@ impl SharedDepthwise {
         }
     }
 
-    fn run(&self, input: &[f32], output: &mut [f32]) {
+    fn run(&self, input: Image, output: &mut [f32]) -> TractResult<()> {
         if self.layout.channels_last() {
             return self.run_channels_last(input, output);
         }
+        let input = input.floats()?;
         let g = &self.geometry;
         let (in_plane, out_plane, k_len) =
             (g.input_plane_len(), g.output_plane_len(), g.kernel_len());
@@ -127,7 +176,7 @@ impl SharedDepthwise {
                     );
                 }
             });
-            return;
+            return Ok(());
         }
         // Small planes: contiguous runs of channels, one per thread.
         let per = planes.div_ceil(threads);
@@ -146,6 +195,7 @@ impl SharedDepthwise {
                 );
             }
         });
+        Ok(())
     }
 }
 
@@ -208,7 +258,7 @@ fn fork<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync) {
 impl SharedDepthwise {
     /// Channels-last: each output pixel is `bias + sum over taps of pixel * weight`, all
     /// channels at once; output rows are split over the threads.
-    fn run_channels_last(&self, input: &[f32], output: &mut [f32]) {
+    fn run_channels_last(&self, input: Image, output: &mut [f32]) -> TractResult<()> {
         let g = &self.geometry;
         let row_len = g.out_w() * g.channels;
         let in_channels = self.dense_inputs.unwrap_or(g.channels);
@@ -220,16 +270,26 @@ impl SharedDepthwise {
             .clamp(1, rows.max(1));
         let per = rows.div_ceil(threads);
         debug_assert_eq!(output.len(), self.batch * out_image);
+        if self.dense_inputs.is_none() {
+            input.floats()?;
+        }
         fork(runs(output, row_len, per), |(first, out)| {
             for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
                 let (n, oy) = ((first + i) / g.out_h(), (first + i) % g.out_h());
-                let image = &input[n * in_image..(n + 1) * in_image];
-                match self.dense_inputs {
-                    Some(cin) => dense_hwc_row(g, cin, image, &self.weight, &self.bias, oy, row),
-                    None => hwc_row(g, image, &self.weight, &self.bias, oy, row),
+                let image = input.slice(n * in_image, in_image);
+                match (self.dense_inputs, image) {
+                    (Some(cin), image) => {
+                        dense_hwc_row(g, cin, image, &self.weight, &self.bias, oy, row)
+                    }
+                    (None, Image::F32(image)) => {
+                        hwc_row(g, image, &self.weight, &self.bias, oy, row)
+                    }
+                    // Checked above.
+                    (None, Image::U8 { .. }) => {}
                 }
             }
         });
+        Ok(())
     }
 }
 
@@ -330,7 +390,35 @@ fn hwc_row_generic<const FMA: bool>(
 fn dense_hwc_row(
     g: &DepthwiseConv,
     cin: usize,
-    image: &[f32],
+    image: Image,
+    weight: &[f32],
+    bias: &[f32],
+    oy: usize,
+    row: &mut [f32],
+) {
+    match image {
+        Image::F32(d) => dense_hwc_row_dispatch(g, cin, |i| d[i], weight, bias, oy, row),
+        Image::U8 {
+            data,
+            offset,
+            scale,
+        } => dense_hwc_row_dispatch(
+            g,
+            cin,
+            |i| (f32::from(data[i]) - offset) * scale,
+            weight,
+            bias,
+            oy,
+            row,
+        ),
+    }
+}
+
+#[inline(always)]
+fn dense_hwc_row_dispatch(
+    g: &DepthwiseConv,
+    cin: usize,
+    pixel: impl Fn(usize) -> f32,
     weight: &[f32],
     bias: &[f32],
     oy: usize,
@@ -339,9 +427,9 @@ fn dense_hwc_row(
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { dense_hwc_row_avx2(g, cin, image, weight, bias, oy, row) };
+        return unsafe { dense_hwc_row_avx2(g, cin, pixel, weight, bias, oy, row) };
     }
-    dense_hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, cin, image, weight, bias, oy, row)
+    dense_hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, cin, pixel, weight, bias, oy, row)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -349,22 +437,22 @@ fn dense_hwc_row(
 unsafe fn dense_hwc_row_avx2(
     g: &DepthwiseConv,
     cin: usize,
-    image: &[f32],
+    pixel: impl Fn(usize) -> f32,
     weight: &[f32],
     bias: &[f32],
     oy: usize,
     row: &mut [f32],
 ) {
-    dense_hwc_row_generic::<true>(g, cin, image, weight, bias, oy, row)
+    dense_hwc_row_generic::<true>(g, cin, pixel, weight, bias, oy, row)
 }
 
 /// As [`hwc_row_generic`], but every output channel sums over all `cin` input channels of
-/// each tap: `weight` is `kh x kw x cin x C`.
+/// each tap: `weight` is `kh x kw x cin x C`; `pixel(i)` is input value `i`.
 #[inline(always)]
 fn dense_hwc_row_generic<const FMA: bool>(
     g: &DepthwiseConv,
     cin: usize,
-    image: &[f32],
+    pixel: impl Fn(usize) -> f32,
     weight: &[f32],
     bias: &[f32],
     oy: usize,
@@ -395,8 +483,9 @@ fn dense_hwc_row_generic<const FMA: bool>(
                     else {
                         continue;
                     };
-                    let pixel = &image[(iy * g.in_w + ix) * cin..][..cin];
-                    for (i, &x) in pixel.iter().enumerate() {
+                    let at = (iy * g.in_w + ix) * cin;
+                    for i in 0..cin {
+                        let x = pixel(at + i);
                         let w = &weight[((ky * g.kernel_w + kx) * cin + i) * c + first..][..n];
                         if n == BLOCK {
                             let w = &w[..BLOCK];
@@ -459,12 +548,20 @@ impl EvalOp for SharedDepthwise {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let input = input.try_as_plain_ram()?.as_slice::<f32>()?;
+        let plain = input.try_as_plain_ram()?;
+        let image = match self.input_affine {
+            Some((offset, scale)) => Image::U8 {
+                data: plain.as_slice::<u8>()?,
+                offset,
+                scale,
+            },
+            None => Image::F32(plain.as_slice::<f32>()?),
+        };
         let g = &self.geometry;
         let in_channels = self.dense_inputs.unwrap_or(g.channels);
-        ensure!(input.len() == self.batch * in_channels * g.input_plane_len());
+        ensure!(image.len() == self.batch * in_channels * g.input_plane_len());
         let mut output = Tensor::zero::<f32>(&self.out_shape())?;
-        self.run(input, output.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        self.run(image, output.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?)?;
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -584,6 +681,7 @@ fn replacement(
         batch,
         layout,
         dense_inputs: dense.then_some(cin),
+        input_affine: None,
         weight: Arc::new(weight),
         bias: Arc::new(bias),
         threads: threads.max(1),
@@ -639,12 +737,70 @@ fn clamp_after(model: &TypedModel, id: usize) -> TractResult<Option<(f32, f32, u
     Ok((lo <= hi).then_some((lo, hi, second.id)))
 }
 
+/// The constant scalar of binary op `node` (`Sub` or `Mul`, named by `name`) whose other
+/// input is `from`, the first input for `Sub`.
+fn scalar_of(model: &TypedModel, node: &TypedNode, name: &str) -> Option<(OutletId, f32)> {
+    let op = node.op_as::<TypedBinOp>()?;
+    if op.0.name() != name || node.inputs.len() != 2 {
+        return None;
+    }
+    let konst = |i: usize| {
+        let k = model.outlet_fact(node.inputs[i]).ok()?.konst.clone()?;
+        (k.len() == 1)
+            .then(|| k.cast_to_scalar::<f32>().ok())
+            .flatten()
+    };
+    match (name, konst(0), konst(1)) {
+        (_, None, Some(c)) => Some((node.inputs[0], c)),
+        ("Mul", Some(c), None) => Some((node.inputs[1], c)),
+        _ => None,
+    }
+}
+
+/// `(x - offset) * scale` of a u8 image cast to floats, when that is what `input` is and
+/// nothing else reads the steps in between: the image's outlet, `offset` and `scale`.
+fn normalised_image(
+    model: &TypedModel,
+    input: OutletId,
+) -> TractResult<Option<(OutletId, f32, f32)>> {
+    let only_one_reader = |n: usize| -> TractResult<bool> {
+        Ok(model.single_succ(n)?.is_some() && !model.outputs.iter().any(|o| o.node == n))
+    };
+    let mul = &model.nodes[input.node];
+    let Some((sub_out, scale)) = scalar_of(model, mul, "Mul") else {
+        return Ok(None);
+    };
+    let sub = &model.nodes[sub_out.node];
+    let Some((cast_out, offset)) = scalar_of(model, sub, "Sub") else {
+        return Ok(None);
+    };
+    let cast = &model.nodes[cast_out.node];
+    let is_cast = cast
+        .op_as::<tract_onnx::tract_core::ops::cast::Cast>()
+        .is_some_and(|c| c.to == f32::datum_type());
+    if !is_cast || cast.inputs.len() != 1 {
+        return Ok(None);
+    }
+    let image = cast.inputs[0];
+    if model.outlet_fact(image)?.datum_type != u8::datum_type() {
+        return Ok(None);
+    }
+    for n in [mul.id, sub.id, cast.id] {
+        if !only_one_reader(n)? {
+            return Ok(None);
+        }
+    }
+    Ok(Some((image, offset, scale)))
+}
+
 /// What [`replace_depthwise`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replaced {
     pub depthwise: usize,
     /// Dense convolutions with few input channels (the stem).
     pub dense: usize,
+    /// Input normalisations (u8 cast, subtraction, multiplication) folded into the stem.
+    pub normalisations: usize,
     /// Clamps (ReLU6) fused into a replaced depthwise convolution.
     pub clamps: usize,
 }
@@ -664,8 +820,16 @@ pub fn replace_depthwise(model: &mut TypedModel, threads: usize) -> TractResult<
             output = OutletId::new(last, 0);
             done.clamps += 1;
         }
+        let mut input = node.inputs[0];
+        if op.dense_inputs.is_some() {
+            if let Some((image, offset, scale)) = normalised_image(model, input)? {
+                op.input_affine = Some((offset, scale));
+                input = image;
+                done.normalisations += 1;
+            }
+        }
         let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, node.inputs[0])?;
+        let x = patch.tap_model(model, input)?;
         let dense = op.dense_inputs.is_some();
         let y = patch.wire_node(&node.name, op, &[x])?[0];
         patch.shunt_outside(model, output, y)?;
@@ -703,7 +867,13 @@ mod tests {
             DataFormat::NCHW
         };
         let conv = conv_op(format, (c, c), c, (k, stride), padding);
-        conv_model(input_shape(c, hw, channels_last), conv, seed, relu6)
+        let shape = input_shape(c, hw, channels_last);
+        conv_model(
+            |m| m.add_source("x", f32::fact(shape)).unwrap(),
+            conv,
+            seed,
+            relu6,
+        )
     }
 
     fn conv_op(
@@ -729,8 +899,13 @@ mod tests {
         }
     }
 
-    /// `conv` on an input of `shape`, random weights and bias, then ReLU6 if asked.
-    fn conv_model(shape: [usize; 4], conv: Conv, seed: u64, relu6: bool) -> TypedModel {
+    /// `conv` on the input `input` wires, random weights and bias, then ReLU6 if asked.
+    fn conv_model(
+        input: impl FnOnce(&mut TypedModel) -> OutletId,
+        conv: Conv,
+        seed: u64,
+        relu6: bool,
+    ) -> TypedModel {
         let mut rng = seed;
         let mut random = |n: usize| -> Vec<f32> {
             (0..n)
@@ -745,7 +920,7 @@ mod tests {
         let (cout, per_group) = (conv.output_channels(), conv.input_channels() / conv.group);
         let k = conv.pool_spec.kernel_shape[0];
         let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let x = input(&mut model);
         let weights = random(cout * per_group * k * k);
         let w = model
             .add_const(
@@ -849,13 +1024,14 @@ mod tests {
             for (threads, relu6) in [(1, false), (2, false), (1, true), (2, true)] {
                 let conv = conv_op(DataFormat::NHWC, (cin, cout), 1, ks, padding.clone());
                 let shape = [1, hw.0, hw.1, cin];
-                let model = conv_model(shape, conv, i as u64, relu6);
+                let source = |m: &mut TypedModel| m.add_source("x", f32::fact(shape)).unwrap();
+                let model = conv_model(source, conv, i as u64, relu6);
                 let x = Tensor::from_shape(&shape, &random_input(shape.iter().product(), i as u32))
                     .unwrap();
                 let expect = Replaced {
-                    depthwise: 0,
                     dense: 1,
                     clamps: usize::from(relu6),
+                    ..Replaced::default()
                 };
                 let (worst, want, _) = compare(model, x, threads, expect);
                 assert!(
@@ -866,6 +1042,40 @@ mod tests {
                     assert!(want.contains(&0.0) && want.contains(&6.0));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_image_normalisation_is_folded_into_the_stem() {
+        use tract_onnx::tract_core::ops::{cast::cast, math};
+        let shape = [1, 57, 64, 3];
+        // The model's input as the exporter writes it: u8, cast, minus 127, times 1/128.
+        let normalised = |m: &mut TypedModel| {
+            let x = m.add_source("image", u8::fact(shape)).unwrap();
+            let x = m.wire_node("cast", cast(f32::datum_type()), &[x]).unwrap();
+            let mean = m.add_const("mean", tensor4(&[[[[127f32]]]])).unwrap();
+            let x = m.wire_node("sub", math::sub(), &[x[0], mean]).unwrap();
+            let scale = m
+                .add_const("scale", tensor4(&[[[[1f32 / 128.0]]]]))
+                .unwrap();
+            m.wire_node("mul", math::mul(), &[x[0], scale]).unwrap()[0]
+        };
+        let pixels: Vec<u8> = (0..shape.iter().product::<usize>())
+            .map(|i| (i * 7919 % 256) as u8)
+            .collect();
+        for threads in [1, 2] {
+            let padding = PaddingSpec::ExplicitOnnxPool(tvec!(1, 1), tvec!(1, 1), false);
+            let conv = conv_op(DataFormat::NHWC, (3, 32), 1, (3, 2), padding);
+            let model = conv_model(normalised, conv, 7, true);
+            let x = Tensor::from_shape(&shape, &pixels).unwrap();
+            let expect = Replaced {
+                dense: 1,
+                normalisations: 1,
+                clamps: 1,
+                ..Replaced::default()
+            };
+            let (worst, _, _) = compare(model, x, threads, expect);
+            assert!(worst <= 1e-5, "{threads} thread(s): {worst}");
         }
     }
 
@@ -930,8 +1140,8 @@ mod tests {
                 .unwrap();
                 let expect = Replaced {
                     depthwise: 1,
-                    dense: 0,
                     clamps: usize::from(relu6),
+                    ..Replaced::default()
                 };
                 let (worst, want, got) = compare(model, x, threads, expect);
                 assert!(
