@@ -665,6 +665,19 @@ fn flash_names_a_missing_port_a_silent_device_and_another_protocol_version() {
 
     // Nobody on the far end.
     let (device_port, host_port, _slaves, _line) = link();
+
+    // Held by another program (this test): named, with its process id.
+    {
+        let _held = serialport::new(host_port.to_string_lossy(), 921_600)
+            .open_native()
+            .unwrap();
+        let o = run(&mut flash(&host_port, &file, &args));
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        let me = format!("(pid {})", std::process::id());
+        assert!(err.contains("it is held by") && err.contains(&me), "{err}");
+    }
+
     let o = run(&mut flash(&host_port, &file, &args));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
