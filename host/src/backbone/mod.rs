@@ -9,6 +9,7 @@
 pub mod efficientnet_lite;
 pub mod ops;
 mod pickle;
+pub mod tflite;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
