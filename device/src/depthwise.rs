@@ -256,6 +256,15 @@ fn fork<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync) {
 }
 
 impl SharedDepthwise {
+    fn dense_taps<V: Fn(usize) -> f32>(&self, value: V) -> DenseTaps<'_, V> {
+        DenseTaps {
+            value,
+            weight: &self.weight,
+            inputs: self.dense_inputs.unwrap_or(1),
+            channels: self.geometry.channels,
+        }
+    }
+
     /// Channels-last: each output pixel is `bias + sum over taps of pixel * weight`, all
     /// channels at once; output rows are split over the threads.
     fn run_channels_last(&self, input: Image, output: &mut [f32]) -> TractResult<()> {
@@ -278,11 +287,27 @@ impl SharedDepthwise {
                 let (n, oy) = ((first + i) / g.out_h(), (first + i) % g.out_h());
                 let image = input.slice(n * in_image, in_image);
                 match (self.dense_inputs, image) {
-                    (Some(cin), image) => {
-                        dense_hwc_row(g, cin, image, &self.weight, &self.bias, oy, row)
+                    (Some(_), Image::F32(d)) => {
+                        hwc_row(g, &self.dense_taps(|i| d[i]), &self.bias, oy, row)
+                    }
+                    (
+                        Some(_),
+                        Image::U8 {
+                            data,
+                            offset,
+                            scale,
+                        },
+                    ) => {
+                        let value = |i: usize| (f32::from(data[i]) - offset) * scale;
+                        hwc_row(g, &self.dense_taps(value), &self.bias, oy, row)
                     }
                     (None, Image::F32(image)) => {
-                        hwc_row(g, image, &self.weight, &self.bias, oy, row)
+                        let taps = DepthwiseTaps {
+                            image,
+                            weight: &self.weight,
+                            channels: g.channels,
+                        };
+                        hwc_row(g, &taps, &self.bias, oy, row)
                     }
                     // Checked above.
                     (None, Image::U8 { .. }) => {}
@@ -293,44 +318,114 @@ impl SharedDepthwise {
     }
 }
 
-/// One output row of a channels-last depthwise convolution.
-fn hwc_row(
-    g: &DepthwiseConv,
-    image: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    oy: usize,
-    row: &mut [f32],
-) {
+/// What one tap of a channels-last convolution adds to a block of output channels.
+trait Taps {
+    /// Adds tap `tap` (`ky * kernel_w + kx`) at input pixel `pixel` (`iy * in_w + ix`) to the
+    /// accumulators of output channels `first..first + n`.
+    fn add<const FMA: bool>(
+        &self,
+        acc: &mut [f32; BLOCK],
+        first: usize,
+        n: usize,
+        pixel: usize,
+        tap: usize,
+    );
+}
+
+/// Depthwise: output channel `c` reads input channel `c`; `weight` is `kh x kw x C`.
+struct DepthwiseTaps<'a> {
+    image: &'a [f32],
+    weight: &'a [f32],
+    channels: usize,
+}
+
+impl Taps for DepthwiseTaps<'_> {
+    #[inline(always)]
+    fn add<const FMA: bool>(
+        &self,
+        acc: &mut [f32; BLOCK],
+        first: usize,
+        n: usize,
+        pixel: usize,
+        tap: usize,
+    ) {
+        let c = self.channels;
+        let x = &self.image[pixel * c + first..][..n];
+        let w = &self.weight[tap * c + first..][..n];
+        block_madd::<FMA>(acc, w, |j| x[j]);
+    }
+}
+
+/// Dense with few inputs: every output channel sums all `inputs` channels of the tap;
+/// `weight` is `kh x kw x inputs x C`, `value(i)` is input value `i`.
+struct DenseTaps<'a, V> {
+    value: V,
+    weight: &'a [f32],
+    inputs: usize,
+    channels: usize,
+}
+
+impl<V: Fn(usize) -> f32> Taps for DenseTaps<'_, V> {
+    #[inline(always)]
+    fn add<const FMA: bool>(
+        &self,
+        acc: &mut [f32; BLOCK],
+        first: usize,
+        n: usize,
+        pixel: usize,
+        tap: usize,
+    ) {
+        for i in 0..self.inputs {
+            let x = (self.value)(pixel * self.inputs + i);
+            let w = &self.weight[(tap * self.inputs + i) * self.channels + first..][..n];
+            block_madd::<FMA>(acc, w, |_| x);
+        }
+    }
+}
+
+/// `acc[j] += x(j) * w[j]` for the block; a full block has a fixed length, so the loop
+/// unrolls into whole vector registers.
+#[inline(always)]
+fn block_madd<const FMA: bool>(acc: &mut [f32; BLOCK], w: &[f32], x: impl Fn(usize) -> f32) {
+    if let Ok(w) = <&[f32; BLOCK]>::try_from(w) {
+        for j in 0..BLOCK {
+            acc[j] = madd::<FMA>(x(j), w[j], acc[j]);
+        }
+    } else {
+        for (j, &w) in w.iter().enumerate() {
+            acc[j] = madd::<FMA>(x(j), w, acc[j]);
+        }
+    }
+}
+
+/// One output row of a channels-last convolution.
+fn hwc_row(g: &DepthwiseConv, taps: &impl Taps, bias: &[f32], oy: usize, row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { hwc_row_avx2(g, image, weight, bias, oy, row) };
+        return unsafe { hwc_row_avx2(g, taps, bias, oy, row) };
     }
-    hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, image, weight, bias, oy, row)
+    hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, taps, bias, oy, row)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hwc_row_avx2(
     g: &DepthwiseConv,
-    image: &[f32],
-    weight: &[f32],
+    taps: &impl Taps,
     bias: &[f32],
     oy: usize,
     row: &mut [f32],
 ) {
-    hwc_row_generic::<true>(g, image, weight, bias, oy, row)
+    hwc_row_generic::<true>(g, taps, bias, oy, row)
 }
 
 /// `FMA`: multiply-add in one rounding, for targets where that is one instruction (it is a
-/// slow library call elsewhere). The channel loops are plain slices, which the compiler
-/// vectorises.
+/// slow library call elsewhere).
 #[inline(always)]
 fn hwc_row_generic<const FMA: bool>(
     g: &DepthwiseConv,
-    image: &[f32],
-    weight: &[f32],
+    taps: &impl Taps,
     bias: &[f32],
     oy: usize,
     row: &mut [f32],
@@ -361,146 +456,11 @@ fn hwc_row_generic<const FMA: bool>(
                     else {
                         continue;
                     };
-                    let pixel = &image[(iy * g.in_w + ix) * c + first..][..n];
-                    let w = &weight[(ky * g.kernel_w + kx) * c + first..][..n];
-                    if n == BLOCK {
-                        // Fixed length: unrolled into whole vector registers.
-                        let (pixel, w) = (&pixel[..BLOCK], &w[..BLOCK]);
-                        for j in 0..BLOCK {
-                            acc[j] = madd::<FMA>(pixel[j], w[j], acc[j]);
-                        }
-                    } else {
-                        for j in 0..n {
-                            acc[j] = madd::<FMA>(pixel[j], w[j], acc[j]);
-                        }
-                    }
+                    taps.add::<FMA>(&mut acc, first, n, iy * g.in_w + ix, ky * g.kernel_w + kx);
                 }
             }
             for (o, &v) in out[first..first + n].iter_mut().zip(&acc[..n]) {
                 // Comparisons, not `f32::clamp`: no panic on odd bounds, NaN passes through.
-                let v = if v < lo { lo } else { v };
-                *o = if v > hi { hi } else { v };
-            }
-            first += n;
-        }
-    }
-}
-
-/// One output row of a dense channels-last convolution with few input channels.
-fn dense_hwc_row(
-    g: &DepthwiseConv,
-    cin: usize,
-    image: Image,
-    weight: &[f32],
-    bias: &[f32],
-    oy: usize,
-    row: &mut [f32],
-) {
-    match image {
-        Image::F32(d) => dense_hwc_row_dispatch(g, cin, |i| d[i], weight, bias, oy, row),
-        Image::U8 {
-            data,
-            offset,
-            scale,
-        } => dense_hwc_row_dispatch(
-            g,
-            cin,
-            |i| (f32::from(data[i]) - offset) * scale,
-            weight,
-            bias,
-            oy,
-            row,
-        ),
-    }
-}
-
-#[inline(always)]
-fn dense_hwc_row_dispatch(
-    g: &DepthwiseConv,
-    cin: usize,
-    pixel: impl Fn(usize) -> f32,
-    weight: &[f32],
-    bias: &[f32],
-    oy: usize,
-    row: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { dense_hwc_row_avx2(g, cin, pixel, weight, bias, oy, row) };
-    }
-    dense_hwc_row_generic::<{ cfg!(target_arch = "aarch64") }>(g, cin, pixel, weight, bias, oy, row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dense_hwc_row_avx2(
-    g: &DepthwiseConv,
-    cin: usize,
-    pixel: impl Fn(usize) -> f32,
-    weight: &[f32],
-    bias: &[f32],
-    oy: usize,
-    row: &mut [f32],
-) {
-    dense_hwc_row_generic::<true>(g, cin, pixel, weight, bias, oy, row)
-}
-
-/// As [`hwc_row_generic`], but every output channel sums over all `cin` input channels of
-/// each tap: `weight` is `kh x kw x cin x C`; `pixel(i)` is input value `i`.
-#[inline(always)]
-fn dense_hwc_row_generic<const FMA: bool>(
-    g: &DepthwiseConv,
-    cin: usize,
-    pixel: impl Fn(usize) -> f32,
-    weight: &[f32],
-    bias: &[f32],
-    oy: usize,
-    row: &mut [f32],
-) {
-    let c = g.channels;
-    let (lo, hi) = match g.activation {
-        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
-        Activation::Clamp { min, max } => (min, max),
-    };
-    for (ox, out) in row.chunks_exact_mut(c).enumerate() {
-        let mut first = 0;
-        while first < c {
-            let n = (c - first).min(BLOCK);
-            let mut acc = [0f32; BLOCK];
-            acc[..n].copy_from_slice(&bias[first..first + n]);
-            for ky in 0..g.kernel_h {
-                let Some(iy) = (oy * g.stride_h + ky)
-                    .checked_sub(g.pad_top)
-                    .filter(|&y| y < g.in_h)
-                else {
-                    continue;
-                };
-                for kx in 0..g.kernel_w {
-                    let Some(ix) = (ox * g.stride_w + kx)
-                        .checked_sub(g.pad_left)
-                        .filter(|&x| x < g.in_w)
-                    else {
-                        continue;
-                    };
-                    let at = (iy * g.in_w + ix) * cin;
-                    for i in 0..cin {
-                        let x = pixel(at + i);
-                        let w = &weight[((ky * g.kernel_w + kx) * cin + i) * c + first..][..n];
-                        if n == BLOCK {
-                            let w = &w[..BLOCK];
-                            for j in 0..BLOCK {
-                                acc[j] = madd::<FMA>(x, w[j], acc[j]);
-                            }
-                        } else {
-                            for j in 0..n {
-                                acc[j] = madd::<FMA>(x, w[j], acc[j]);
-                            }
-                        }
-                    }
-                }
-            }
-            for (o, &v) in out[first..first + n].iter_mut().zip(&acc[..n]) {
                 let v = if v < lo { lo } else { v };
                 *o = if v > hi { hi } else { v };
             }
