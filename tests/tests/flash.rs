@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petcam_shared::protocol::{
-    encode, Begin, Hello, ImageKind, Message, NackReason, Reassembler, Received, Role,
-    PROTOCOL_VERSION,
+    self as protocol, encode, Begin, Hello, ImageKind, Message, NackReason, Reassembler, Received,
+    Role, PROTOCOL_VERSION,
 };
 use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
 use serialport::{SerialPort, TTYPort};
@@ -52,7 +52,8 @@ fn pump(mut from: TTYPort, mut to: TTYPort, line: Arc<Line>, mut seed: u64) {
                 }
                 out.push(b);
             }
-            if to.write_all(&out).is_err() {
+            // A full buffer on the far side is back-pressure, not a broken line.
+            if protocol::write_frame(&mut to, &out, Duration::from_secs(30)).is_err() {
                 return;
             }
             if line.slow.load(Ordering::Relaxed) {

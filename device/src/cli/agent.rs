@@ -246,7 +246,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 fn send(port: &mut impl Write, m: &Message) -> anyhow::Result<()> {
     let frame = protocol::encode(m).map_err(|e| anyhow::anyhow!("encoding a reply: {e}"))?;
-    port.write_all(&frame)
-        .context("writing to the serial port")?;
-    port.flush().context("writing to the serial port")
+    // The port's 100 ms timeout paces the read loop; a reply may wait longer for the line.
+    protocol::write_frame(port, &frame, Duration::from_secs(5))
+        .context("writing to the serial port")
 }

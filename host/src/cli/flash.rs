@@ -7,7 +7,7 @@
 //! model the device reports as active.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -409,9 +409,9 @@ impl Link {
 
     fn send(&mut self, m: &Message) -> anyhow::Result<u64> {
         let frame = protocol::encode(m).map_err(|e| anyhow::anyhow!("encoding {m:?}: {e}"))?;
-        self.port
-            .write_all(&frame)
-            .and_then(|()| self.port.flush())
+        // The port's 20 ms timeout is for noticing silence; a write may wait longer while the
+        // device drains what is in flight.
+        protocol::write_frame(&mut self.port, &frame, Duration::from_secs(5))
             .with_context(|| format!("writing to {}", self.name.display()))?;
         Ok(frame.len() as u64)
     }

@@ -30,6 +30,8 @@ mod crc;
 mod error;
 mod frame;
 mod message;
+#[cfg(feature = "std")]
+mod port;
 mod reassembler;
 #[cfg(test)]
 mod tests;
@@ -40,6 +42,8 @@ pub use message::{
     Begin, Chunk, ErrorReport, ErrorSource, Event, Heartbeat, Hello, ImageInfo, ImageKind, Log,
     LogLevel, Message, Nack, NackReason, Role, StagedInfo, Status,
 };
+#[cfg(feature = "std")]
+pub use port::write_frame;
 pub use reassembler::{Reassembler, Received};
 
 /// Version of the wire format. Bump it for any change other than a variant appended to an enum.
