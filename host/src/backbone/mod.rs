@@ -7,6 +7,7 @@
 //! exporter walks the very same layers, so the exported graph cannot drift from what was trained on.
 
 pub mod efficientnet_lite;
+pub mod mobilenet_v2;
 pub mod ops;
 mod pickle;
 pub mod tflite;
@@ -30,8 +31,14 @@ pub enum BackboneError {
         #[source]
         source: Box<candle_core::Error>,
     },
-    #[error("unknown backbone {0:?}; available: efficientnet-lite0")]
+    #[error("unknown backbone {0:?}; available: {names}", names = NAMES.join(", "))]
     Unknown(String),
+    #[error("input size {0} is not supported: use a multiple of 32 from 64 to 512 (96, 128, 160, 192, 224 are the usual ones)")]
+    InputSize(usize),
+    #[error("--width-multiplier {asked} was asked for, but the weights are MobileNetV2 {found}")]
+    Width { asked: f32, found: f32 },
+    #[error("{0}")]
+    Option(String),
     #[error("backbone forward pass failed: {0}")]
     Forward(#[from] candle_core::Error),
 }
@@ -196,6 +203,27 @@ pub struct Classifier {
     pub bias: Tensor,
 }
 
+/// Names `--backbone` accepts.
+pub const NAMES: &[&str] = &["efficientnet-lite0", "mobilenet-v2"];
+
+/// Five stride-2 layers: the input must divide by 32 for every stage to halve evenly.
+pub fn check_input_size(size: usize) -> Result<(), BackboneError> {
+    if size.is_multiple_of(32) && (64..=512).contains(&size) {
+        Ok(())
+    } else {
+        Err(BackboneError::InputSize(size))
+    }
+}
+
+/// What may vary for one backbone architecture.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Input height and width; default: the size the backbone was trained at (224).
+    pub input_size: Option<usize>,
+    /// MobileNetV2's width multiplier; default: whatever the weights have.
+    pub width: Option<f32>,
+}
+
 /// A frozen backbone in inference form.
 #[derive(Debug, Clone)]
 pub struct Backbone {
@@ -214,12 +242,84 @@ pub struct Backbone {
 impl Backbone {
     /// Loads a backbone by name from a weights file.
     pub fn load(name: &str, path: &Path, device: &Device) -> Result<Self, BackboneError> {
+        Self::load_with(name, path, device, LoadOptions::default())
+    }
+
+    /// Loads a backbone by name from a weights file, at another input size or width.
+    pub fn load_with(
+        name: &str,
+        path: &Path,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self, BackboneError> {
+        let size = options.input_size.unwrap_or(224);
         match name {
             "efficientnet-lite0" => {
-                efficientnet_lite::load(&EfficientNetLiteConfig::lite0(), path, device)
+                if options.width.is_some() {
+                    return Err(BackboneError::Option(
+                        "--width-multiplier is for mobilenet-v2; EfficientNet-Lite0 has one width"
+                            .into(),
+                    ));
+                }
+                check_input_size(size)?;
+                let mut b =
+                    efficientnet_lite::load(&EfficientNetLiteConfig::lite0(), path, device)?;
+                // Every layer is convolutional with symmetric padding: any multiple of 32 works.
+                b.input_size = size;
+                Ok(b)
             }
+            "mobilenet-v2" => mobilenet_v2::load(
+                path,
+                mobilenet_v2::Options {
+                    input_size: size,
+                    width: options.width,
+                },
+                device,
+            ),
             other => Err(BackboneError::Unknown(other.to_owned())),
         }
+    }
+
+    /// The same backbone with its tensors on `device`.
+    pub fn to_device(self, device: &Device) -> candle_core::Result<Self> {
+        if device.same_device(self.device()) {
+            return Ok(self);
+        }
+        let conv = |c: Conv| -> candle_core::Result<Conv> {
+            Ok(Conv {
+                weight: c.weight.to_device(device)?,
+                bias: c.bias.to_device(device)?,
+                ..c
+            })
+        };
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|b| {
+                Ok(Block {
+                    expand: b.expand.map(conv).transpose()?,
+                    depthwise: conv(b.depthwise)?,
+                    project: conv(b.project)?,
+                    residual: b.residual,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let classifier = self
+            .classifier
+            .map(|c| {
+                Ok::<_, candle_core::Error>(Classifier {
+                    weight: c.weight.to_device(device)?,
+                    bias: c.bias.to_device(device)?,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            stem: conv(self.stem)?,
+            blocks,
+            head: conv(self.head)?,
+            classifier,
+            ..self
+        })
     }
 
     pub fn feature_dim(&self) -> usize {

@@ -31,6 +31,11 @@ fn bad(what: impl Into<String>) -> TfliteError {
 
 type Result<T> = std::result::Result<T, TfliteError>;
 
+/// Whether `data` starts like a TFLite FlatBuffer (file identifier `TFL3` at byte 4).
+pub fn is_tflite(data: &[u8]) -> bool {
+    data.get(4..8) == Some(b"TFL3")
+}
+
 /// Element types of TFLite tensors (schema `TensorType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorType {
@@ -156,7 +161,7 @@ impl TfliteModel {
 
     pub fn parse(data: &[u8]) -> Result<Self> {
         let fb = Fb { buf: data };
-        if data.get(4..8) != Some(b"TFL3") {
+        if !is_tflite(data) {
             return Err(bad("no TFL3 file identifier at byte 4"));
         }
         let model = fb.root()?;

@@ -54,35 +54,67 @@ pub fn load(path: &Path) -> Result<TensorMap, WeightsError> {
 /// [`load`], plus the SHA-256 (hex) of the file's bytes, which identifies the weights in the
 /// feature cache key and in reports.
 pub fn load_with_sha256(path: &Path) -> Result<(TensorMap, String), WeightsError> {
-    use sha2::Digest;
     let data = std::fs::read(path).map_err(|source| WeightsError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let sha = hex::encode(sha2::Sha256::digest(&data));
+    parse(path, &data).map(|w| (w.tensors, w.sha256))
+}
+
+/// A weights file's tensors, its safetensors metadata (empty for `.pth`) and its SHA-256.
+#[derive(Debug)]
+pub struct Weights {
+    pub tensors: TensorMap,
+    pub metadata: HashMap<String, String>,
+    pub sha256: String,
+}
+
+/// SHA-256 of `data`, in hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Reads the bytes of a `.pth` (legacy or zip) or `.safetensors` file read from `path`.
+pub fn parse(path: &Path, data: &[u8]) -> Result<Weights, WeightsError> {
+    let sha256 = sha256_hex(data);
+    let mut metadata = HashMap::new();
     let tensors = if data.is_empty() {
         return Err(format_err(
             path,
             "file is empty (0 bytes); fetch it again with tools/fetch-backbone",
         ));
     } else if data.starts_with(b"PK\x03\x04") {
-        load_zip_pth(path, &data)
+        load_zip_pth(path, data)
     } else if data.starts_with(&[0x80, 0x02]) {
-        load_legacy_pth(path, &data)
-    } else if looks_like_safetensors(&data) {
-        candle_core::safetensors::load_buffer(&data, &Device::Cpu).map_err(|source| {
+        load_legacy_pth(path, data)
+    } else if looks_like_safetensors(data) {
+        if let Ok((_, m)) = safetensors::SafeTensors::read_metadata(data) {
+            metadata = m.metadata().clone().unwrap_or_default();
+        }
+        candle_core::safetensors::load_buffer(data, &Device::Cpu).map_err(|source| {
             WeightsError::Tensor {
                 path: path.to_owned(),
                 source,
             }
         })
+    } else if super::tflite::is_tflite(data) {
+        Err(format_err(
+            path,
+            "a TensorFlow Lite model is read only for --backbone mobilenet-v2",
+        ))
     } else {
         Err(format_err(
             path,
-            "unknown weights format: expected a PyTorch .pth (legacy or zip) or a .safetensors file",
+            "unknown weights format: expected a PyTorch .pth (legacy or zip), a .safetensors or \
+             (for mobilenet-v2) a .tflite file",
         ))
     }?;
-    Ok((tensors, sha))
+    Ok(Weights {
+        tensors,
+        metadata,
+        sha256,
+    })
 }
 
 fn format_err(path: &Path, what: impl Into<String>) -> WeightsError {

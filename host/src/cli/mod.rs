@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod evaluate;
 pub mod flash;
+pub mod import_backbone;
 pub mod inspect;
 pub mod keygen;
 pub mod monitor;
@@ -29,6 +30,7 @@ pub enum Command {
     TrainAndExport(train_and_export::Args),
     Evaluate(evaluate::Args),
     Inspect(inspect::Args),
+    ImportBackbone(import_backbone::Args),
     Bench(bench::Args),
     Keygen(keygen::Args),
     Flash(flash::Args),
@@ -40,6 +42,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainAndExport(a) => train_and_export::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::ImportBackbone(a) => import_backbone::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Flash(a) => flash::run(a),

@@ -9,7 +9,7 @@ use candle_core::Device;
 use petcam_shared::metadata;
 use prost::Message;
 
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, LoadOptions};
 use crate::dataset::{self, Dataset, Split};
 use crate::export::calibrate::{self, RangeMethod};
 use crate::export::quantize::QuantizeForm;
@@ -41,13 +41,23 @@ pub struct Args {
     /// Output folder for the model and the report (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Backbone weights (.pth, legacy or zip, or .safetensors). Default: the file
-    /// tools/fetch-backbone put in the cache folder.
+    /// Backbone weights: .pth (legacy or zip) or .safetensors; for mobilenet-v2 also a
+    /// TensorFlow Lite model. Default (efficientnet-lite0): the file tools/fetch-backbone put in
+    /// the cache folder.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
-    /// Backbone network.
-    #[arg(long, default_value = "efficientnet-lite0", value_parser = ["efficientnet-lite0"])]
+    /// Backbone network. mobilenet-v2 reads torchvision or timm state dicts, or a TFLite model
+    /// (see `petcam import-backbone`).
+    #[arg(long, default_value = "efficientnet-lite0", value_parser = crate::backbone::NAMES.to_vec())]
     pub backbone: String,
+    /// Input height and width in pixels: a multiple of 32 (96, 128, 160, 192, 224). Smaller is
+    /// faster on the camera and less accurate.
+    #[arg(long, default_value_t = 224, value_name = "PIXELS")]
+    pub input_size: usize,
+    /// MobileNetV2 width multiplier (0.35, 0.5, 0.75 or 1.0) the weights must have. Default:
+    /// whatever the weights have.
+    #[arg(long, value_name = "W")]
+    pub width_multiplier: Option<f32>,
     /// Fraction of photos held out for validation with the DIR/<class> layout.
     #[arg(long, default_value_t = 0.2)]
     pub val_fraction: f32,
@@ -149,7 +159,14 @@ fn resolve_weights(args: &Args, cache_root: &Path) -> anyhow::Result<PathBuf> {
         .iter()
         .find(|(name, _)| *name == args.backbone)
         .map(|(_, f)| *f)
-        .context("no default weights for this backbone; pass --weights")?;
+        .with_context(|| {
+            format!(
+                "no default weights for {}; pass --weights FILE: a torchvision or timm state \
+                 dict (.pth, .safetensors), or a TFLite model such as \
+                 ../shared/backbones/mobilenet_v2_1.0_224_quant.tflite",
+                args.backbone
+            )
+        })?;
     let path = cache_root.join("backbones").join(file);
     if !path.is_file() {
         bail!(
@@ -182,7 +199,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let t_dataset = t0.elapsed().as_secs_f64();
 
-    let backbone = Backbone::load(&args.backbone, &weights, &device)
+    let options = LoadOptions {
+        input_size: Some(args.input_size),
+        width: args.width_multiplier,
+    };
+    let backbone = Backbone::load_with(&args.backbone, &weights, &device, options)
         .with_context(|| format!("loading backbone {}", args.backbone))?;
     let cache = (!args.no_cache).then(|| FeatureCache::new(&cache_root, &backbone));
 
