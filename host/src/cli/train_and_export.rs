@@ -373,9 +373,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Err(e) = verify::check_accuracy_drop(args.quantize.name(), q) {
             if !args.allow_accuracy_drop {
                 bail!(
-                    "{e}; {} was not written. Export with --quantize int8-weights or none, or \
-                     keep it anyway with --allow-accuracy-drop",
-                    model_path.display()
+                    "{e}; {} was not written. Export with {}, or keep it anyway with \
+                     --allow-accuracy-drop",
+                    model_path.display(),
+                    match args.quantize {
+                        QuantizeForm::Int8 => "--quantize int8-weights or none",
+                        _ => "--quantize none",
+                    }
                 );
             }
             tracing::warn!("{e}; writing it anyway because --allow-accuracy-drop was given");
