@@ -24,3 +24,14 @@ pub fn shared_fixture(relative: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// The largest absolute difference between two tensors of the same number of elements.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let b = b.reshape(a.shape()).expect("same number of elements");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("an f32 difference")
+}

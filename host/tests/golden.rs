@@ -1,9 +1,9 @@
 //! The EfficientNet-Lite0 backbone against reference outputs of an independent implementation
 //! (`../shared/golden/efficientnet_lite0.*`): features within 1e-3, and the ImageNet top-5.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use petcam_host::backbone::Backbone;
-use petcam_host::test_support::shared_fixture;
+use petcam_host::test_support::{max_abs_diff, shared_fixture};
 
 #[test]
 fn efficientnet_lite0_reproduces_golden_features_and_top5() {
@@ -56,18 +56,4 @@ fn efficientnet_lite0_reproduces_golden_features_and_top5() {
             "image {i}: max abs logit error {logit_diff}"
         );
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let b = b.reshape(a.shape()).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }

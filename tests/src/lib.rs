@@ -81,3 +81,17 @@ pub fn train_and_export(photos: &Path, weights: &Path, out: &Path, cache: &Path)
         .arg(cache);
     cmd
 }
+
+/// A small copy of the Kaggle photos in the `train/` + `val/` layout: the first `train` and
+/// `val` photos of each class.
+pub fn photo_subset(data: &Path, dst: &Path, train: usize, val: usize) {
+    for class in ["cat", "dog"] {
+        for (split, n) in [("train", train), ("val", val)] {
+            copy_first(
+                &data.join(split).join(class),
+                &dst.join(split).join(class),
+                n,
+            );
+        }
+    }
+}

@@ -2,10 +2,10 @@
 //! `petcam train-and-export --backbone mobilenet-v2 --input-size 128`, then the exported model
 //! on `petcam-device`, which knows nothing about the backbone.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use petcam_tests::{binary, copy_first, run, shared};
+use petcam_tests::{binary, photo_subset, run, shared};
 
 fn petcam(args: &[&str], paths: &[&Path]) -> std::process::Output {
     let mut cmd = Command::new(binary("petcam"));
@@ -13,30 +13,24 @@ fn petcam(args: &[&str], paths: &[&Path]) -> std::process::Output {
     run(&mut cmd)
 }
 
+/// The Kaggle photos and Google's MobileNetV2 TFLite file from `../shared`.
+fn photos_and_tflite() -> Option<(PathBuf, PathBuf)> {
+    Some((
+        shared("datasets/cats-vs-dogs")?,
+        shared("backbones/mobilenet_v2_1.0_224_quant.tflite")?,
+    ))
+}
+
 #[test]
 fn a_mobilenet_v2_from_tflite_trains_exports_and_runs_on_the_device() {
-    let (Some(data), Some(tflite)) = (
-        shared("datasets/cats-vs-dogs"),
-        shared("backbones/mobilenet_v2_1.0_224_quant.tflite"),
-    ) else {
+    let Some((data, tflite)) = photos_and_tflite() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let photos = tmp.path().join("photos");
-    for class in ["cat", "dog"] {
-        copy_first(
-            &data.join("train").join(class),
-            &photos.join("train").join(class),
-            40,
-        );
-        // 100 validation photos: one borderline photo that quantization flips costs 1 point,
-        // which the export's accuracy gate allows.
-        copy_first(
-            &data.join("val").join(class),
-            &photos.join("val").join(class),
-            50,
-        );
-    }
+    // 100 validation photos: one borderline photo that quantization flips costs 1 point,
+    // which the export's accuracy gate allows.
+    photo_subset(&data, &photos, 40, 50);
 
     // Convert once; the safetensors file is what training reads.
     let converted = tmp.path().join("mobilenet_v2.safetensors");
@@ -123,10 +117,7 @@ fn a_mobilenet_v2_from_tflite_trains_exports_and_runs_on_the_device() {
 
 #[test]
 fn mobilenet_v2_options_that_do_not_fit_are_errors_that_say_why() {
-    let (Some(data), Some(tflite)) = (
-        shared("datasets/cats-vs-dogs"),
-        shared("backbones/mobilenet_v2_1.0_224_quant.tflite"),
-    ) else {
+    let Some((data, tflite)) = photos_and_tflite() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use petcam_tests::{binary, copy_first, photos_and_weights, run, shared, train_and_export};
+use petcam_tests::{binary, photo_subset, photos_and_weights, run, shared, train_and_export};
 
 #[test]
 fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
@@ -11,18 +11,7 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let photos = tmp.path().join("photos");
-    for class in ["cat", "dog"] {
-        copy_first(
-            &data.join("train").join(class),
-            &photos.join("train").join(class),
-            20,
-        );
-        copy_first(
-            &data.join("val").join(class),
-            &photos.join("val").join(class),
-            15,
-        );
-    }
+    photo_subset(&data, &photos, 20, 15);
     // Files a real folder collects: an empty file, notes, a photo cut off mid-transfer.
     std::fs::write(photos.join("train/cat/empty.jpg"), b"").unwrap();
     std::fs::write(photos.join("train/dog/notes.txt"), b"good dogs\n").unwrap();

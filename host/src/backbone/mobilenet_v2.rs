@@ -897,16 +897,7 @@ mod tests {
             assert_eq!(b.blocks.iter().filter(|b| b.residual).count(), 10);
             assert_eq!(b.stem.padding, Padding::symmetric(1));
             let (_, c) = features(&timm, Some(width));
-            let diff: f32 = (a - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff: f32 = crate::test_support::max_abs_diff(&a, &c);
             assert_eq!(diff, 0.0, "width {width}");
         }
         // Wrong width asked for, and a tensor missing: errors that name them.
@@ -998,16 +989,7 @@ mod tests {
             .unwrap()
             .narrow(3, 1, 14)
             .unwrap();
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = crate::test_support::max_abs_diff(&a, &b);
         assert!(diff < 1e-4, "{diff}");
     }
 }

@@ -457,16 +457,7 @@ mod tests {
                 .unwrap()
                 .clamp(0f32, 6f32)
                 .unwrap();
-            let diff = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::test_support::max_abs_diff(&ours, &reference);
             assert!(diff < 1e-4, "k={k} stride={stride}: max diff {diff}");
         }
     }
@@ -489,16 +480,7 @@ mod tests {
                 if act == Activation::Relu6 {
                     reference = reference.clamp(0f32, 6f32).unwrap();
                 }
-                let diff = (ours - reference)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = crate::test_support::max_abs_diff(&ours, &reference);
                 assert!(diff < 1e-4, "b={b} cin={cin} cout={cout}: max diff {diff}");
             }
         }
