@@ -95,9 +95,92 @@ impl CustomOp3 for Depthwise {
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
+
+    /// Gradients for the input, the weight and the bias, from the output's gradient.
+    ///
+    /// ReLU6 passes the gradient where the output is strictly inside (0, 6); at the bounds it
+    /// is clamped, so nothing flows back (the subgradient PyTorch's `hardtanh` uses too).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = weight.dims4()?;
+        let (_, _, oh, ow) = res.dims4()?;
+        let values = |t: &Tensor| {
+            t.flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()
+        };
+        let (xv, wv, yv, gv) = (values(x)?, values(weight)?, values(res)?, values(grad)?);
+        let (s, p) = (self.stride, self.padding);
+        let relu6 = self.activation == Activation::Relu6;
+        // One task per channel: it owns that channel's weight, bias and input-gradient planes.
+        let per_channel: Vec<(Vec<f32>, f32, Vec<f32>)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let wc = &wv[ch * kh * kw..(ch + 1) * kh * kw];
+                let mut dw = vec![0f32; kh * kw];
+                let mut db = 0f32;
+                let mut dx = vec![0f32; b * h * w];
+                for n in 0..b {
+                    let plane = (n * c + ch) * h * w;
+                    let out = (n * c + ch) * oh * ow;
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let y = yv[out + oy * ow + ox];
+                            let g = gv[out + oy * ow + ox];
+                            if g == 0.0 || (relu6 && !(y > 0.0 && y < 6.0)) {
+                                continue;
+                            }
+                            db += g;
+                            for ky in 0..kh {
+                                let iy = (oy * s + ky) as isize - p.top as isize;
+                                if iy < 0 || iy >= h as isize {
+                                    continue;
+                                }
+                                for kx in 0..kw {
+                                    let ix = (ox * s + kx) as isize - p.left as isize;
+                                    if ix < 0 || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let i = iy as usize * w + ix as usize;
+                                    dw[ky * kw + kx] += g * xv[plane + i];
+                                    dx[n * h * w + i] += g * wc[ky * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+                (dw, db, dx)
+            })
+            .collect();
+        let mut dx = vec![0f32; b * c * h * w];
+        let mut dw = Vec::with_capacity(c * kh * kw);
+        let mut db = Vec::with_capacity(c);
+        for (ch, (w_c, b_c, x_c)) in per_channel.into_iter().enumerate() {
+            dw.extend(w_c);
+            db.push(b_c);
+            for n in 0..b {
+                let plane = (n * c + ch) * h * w;
+                dx[plane..plane + h * w].copy_from_slice(&x_c[n * h * w..(n + 1) * h * w]);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (b, c, h, w), dev)?),
+            Some(Tensor::from_vec(dw, weight.shape(), dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
+    }
 }
 
-/// Depthwise convolution `[b, c, h, w]` with weight `[c, 1, kh, kw]` and bias `[c]`, on CPU.
+/// Depthwise convolution `[b, c, h, w]` with weight `[c, 1, kh, kw]` and bias `[c]`, on CPU,
+/// with its backward pass: gradients reach the input, the weight and the bias.
 pub fn depthwise(
     x: &Tensor,
     weight: &Tensor,
@@ -106,10 +189,10 @@ pub fn depthwise(
     padding: Padding,
     activation: Activation,
 ) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(
+    x.contiguous()?.apply_op3(
         weight,
         bias,
-        &Depthwise {
+        Depthwise {
             stride,
             padding,
             activation,
@@ -430,6 +513,93 @@ pub fn bias_activation(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The backward pass against central finite differences of the forward pass (linear
+    /// output), and the ReLU6 output against candle's own clamp on top of the linear op.
+    #[test]
+    fn depthwise_gradients_match_finite_differences() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let asymmetric = Padding {
+            top: 0,
+            left: 0,
+            bottom: 1,
+            right: 1,
+        };
+        for (stride, padding, h) in [(1, Padding::symmetric(1), 6), (2, asymmetric, 8)] {
+            let c = 3;
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, h, h), &dev).unwrap()).unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, 1, 3, 3), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev).unwrap()).unwrap();
+            let oh = h.div_ceil(stride);
+            let r = Tensor::randn(0f32, 1.0, (2, c, oh, oh), &dev).unwrap();
+            let loss = |x: &Tensor, w: &Tensor, b: &Tensor, act: Activation| -> Tensor {
+                depthwise(x, w, b, stride, padding, act)
+                    .unwrap()
+                    .mul(&r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let grads = loss(&x, &w, &b, Activation::Linear).backward().unwrap();
+            let eps = 1e-2f32;
+            for (var, name) in [(&x, "input"), (&w, "weight"), (&b, "bias")] {
+                let analytic: Vec<f32> = grads
+                    .get(var)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let base: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+                // Every weight and bias element, every 7th input element.
+                let step = if name == "input" { 7 } else { 1 };
+                for i in (0..base.len()).step_by(step) {
+                    let at = |delta: f32| -> f32 {
+                        let mut v = base.clone();
+                        v[i] += delta;
+                        let t = Tensor::from_vec(v, var.shape(), &dev).unwrap();
+                        let (xx, ww, bb) = match name {
+                            "input" => (t, w.as_tensor().clone(), b.as_tensor().clone()),
+                            "weight" => (x.as_tensor().clone(), t, b.as_tensor().clone()),
+                            _ => (x.as_tensor().clone(), w.as_tensor().clone(), t),
+                        };
+                        loss(&xx, &ww, &bb, Activation::Linear)
+                            .to_scalar::<f32>()
+                            .unwrap()
+                    };
+                    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                    let tol = 1e-2 * (1.0 + numeric.abs());
+                    assert!(
+                        (numeric - analytic[i]).abs() <= tol,
+                        "stride {stride} {name}[{i}]: analytic {} numeric {numeric}",
+                        analytic[i]
+                    );
+                }
+            }
+            // ReLU6 fused: the same gradients as the linear op followed by candle's clamp.
+            let fused = loss(&x, &w, &b, Activation::Relu6).backward().unwrap();
+            let clamped = depthwise(&x, &w, &b, stride, padding, Activation::Linear)
+                .unwrap()
+                .clamp(0f32, 6f32)
+                .unwrap()
+                .mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for var in [&x, &w, &b] {
+                let d = crate::test_support::max_abs_diff(
+                    fused.get(var).unwrap(),
+                    clamped.get(var).unwrap(),
+                );
+                assert!(d < 1e-4, "stride {stride}: ReLU6 gradients differ by {d}");
+            }
+        }
+    }
 
     /// The custom op must agree with candle's own grouped convolution.
     #[test]
