@@ -230,6 +230,7 @@ impl ExportedModel {
             .as_ref()
             .map(GraphSummary::of)
             .unwrap_or_default();
+        avoid_amx_int8();
         let executor = (threads > 1).then(|| {
             prefer_one_chunk_per_thread();
             Executor::multithread(threads)
@@ -358,6 +359,20 @@ impl ExportedModel {
 
 fn run_err(e: anyhow::Error) -> ModelError {
     ModelError::Run(format!("{e:#}"))
+}
+
+/// Keeps tract off its AMX int8 matrix kernel (`avx512amx_mmm_i32_8x8`, x86-64 with AMX).
+///
+/// In tract 0.23.9 that kernel now and then reads outside its packed operand: the int8 export
+/// test died with SIGSEGV at the kernel's `tileloadd` in 1 of 8 runs under a debugger on this
+/// project's Sapphire Rapids build machine, and once in CI. Without it, int8 products run on
+/// the AVX-512 VNNI kernels. Must run before tract first probes the CPU (it caches the result);
+/// a `TRACT_CPU_ISA` set in the environment is left alone.
+fn avoid_amx_int8() {
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os("TRACT_CPU_ISA").is_none() {
+        tract_onnx::tract_core::tract_linalg::knobs::TRACT_CPU_ISA.set(Some("-amx-int8".into()));
+    }
 }
 
 /// Asks tract to split each matrix product in one chunk per thread rather than four.
