@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::augment;
 use crate::backbone::Backbone;
 use crate::dataset::{self, Sample};
 
@@ -54,6 +55,18 @@ pub struct FeatureSet {
 }
 
 impl FeatureSet {
+    /// Adds `other`'s rows after this set's.
+    pub fn append(&mut self, other: &FeatureSet) {
+        assert!(
+            self.dim == other.dim || other.is_empty(),
+            "feature sizes differ"
+        );
+        self.features.extend_from_slice(&other.features);
+        self.labels.extend_from_slice(&other.labels);
+        self.paths.extend_from_slice(&other.paths);
+        self.content_sha256.extend_from_slice(&other.content_sha256);
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -172,10 +185,83 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// An augmented view of a photo (see [`crate::augment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub seed: u64,
+    pub index: u32,
+}
+
+impl View {
+    /// The cache key of this view of the photo with content hash `sha`.
+    fn key(&self, sha: &str) -> String {
+        let tag = sha256_hex(format!("{}/{}", augment::VERSION, self.seed).as_bytes());
+        format!("{sha}-{}-{}", &tag[..12], self.index)
+    }
+}
+
 /// Extracts (or loads from the cache) the features of every readable photo in `samples`.
 pub fn extract(
     backbone: &Backbone,
     samples: &[Sample],
+    cache: Option<&FeatureCache>,
+    batch_size: usize,
+    what: &str,
+) -> Result<(FeatureSet, ExtractStats), FeatureError> {
+    extract_views(
+        backbone,
+        samples,
+        &vec![None; samples.len()],
+        cache,
+        batch_size,
+        what,
+    )
+}
+
+/// [`extract`] for `views` augmented views of each photo, drawn with `seed`: `views` rows per
+/// readable photo, in order. Each view's features are cached under the photo, the seed, the
+/// augmentation version and the view's index.
+pub fn extract_augmented(
+    backbone: &Backbone,
+    samples: &[Sample],
+    seed: u64,
+    views: u32,
+    cache: Option<&FeatureCache>,
+    batch_size: usize,
+    what: &str,
+) -> Result<(FeatureSet, ExtractStats), FeatureError> {
+    let repeated: Vec<Sample> = samples
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s.clone(), views as usize))
+        .collect();
+    let which: Vec<Option<View>> = samples
+        .iter()
+        .flat_map(|_| (0..views).map(|index| Some(View { seed, index })))
+        .collect();
+    extract_views(backbone, &repeated, &which, cache, batch_size, what)
+}
+
+/// The network input for one sample: the photo resized, or an augmented view of it.
+fn load(
+    sample: &Sample,
+    view: Option<View>,
+    sha: Option<&str>,
+    size: u32,
+) -> Result<image::RgbImage, String> {
+    match (view, sha) {
+        (Some(v), Some(sha)) => {
+            let img = dataset::load_rgb(&sample.path).map_err(|e| e.to_string())?;
+            let p = augment::ViewParams::draw(v.seed, sha, v.index, img.width(), img.height());
+            Ok(augment::apply(&img, &p, size))
+        }
+        _ => dataset::load_input(&sample.path, size, size).map_err(|e| e.to_string()),
+    }
+}
+
+fn extract_views(
+    backbone: &Backbone,
+    samples: &[Sample],
+    views: &[Option<View>],
     cache: Option<&FeatureCache>,
     batch_size: usize,
     what: &str,
@@ -193,13 +279,18 @@ pub fn extract(
                 .map_err(|e| format!("cannot read: {e}"))
         })
         .collect();
-    let mut rows: Vec<Option<Vec<f32>>> = hashed
-        .par_iter()
-        .map(|h| {
+    let keys: Vec<Option<String>> = hashed
+        .iter()
+        .zip(views)
+        .map(|(h, v)| {
             h.as_ref()
                 .ok()
-                .and_then(|sha| cache.and_then(|c| c.get(sha, dim)))
+                .map(|sha| v.map_or_else(|| sha.clone(), |v| v.key(sha)))
         })
+        .collect();
+    let mut rows: Vec<Option<Vec<f32>>> = keys
+        .par_iter()
+        .map(|k| k.as_ref().and_then(|k| cache.and_then(|c| c.get(k, dim))))
         .collect();
     let mut stats = ExtractStats {
         cached: rows.iter().filter(|r| r.is_some()).count(),
@@ -235,8 +326,8 @@ pub fn extract(
                 batch
                     .par_iter()
                     .map(|&i| {
-                        let r = dataset::load_input(&samples[i].path, size, size)
-                            .map_err(|e| Failure::Photo(e.to_string()))
+                        let r = load(&samples[i], views[i], hashed[i].as_deref().ok(), size)
+                            .map_err(Failure::Photo)
                             .and_then(|img| {
                                 forward(backbone, img.into_raw(), 1, size)
                                     .map(|mut f| f.remove(0))
@@ -249,9 +340,7 @@ pub fn extract(
             } else {
                 let decoded: Vec<Result<image::RgbImage, String>> = batch
                     .par_iter()
-                    .map(|&i| {
-                        dataset::load_input(&samples[i].path, size, size).map_err(|e| e.to_string())
-                    })
+                    .map(|&i| load(&samples[i], views[i], hashed[i].as_deref().ok(), size))
                     .collect();
                 let mut ok = Vec::new();
                 let mut pixels = Vec::new();
@@ -280,8 +369,8 @@ pub fn extract(
             for (i, r) in results {
                 match r {
                     Ok(f) => {
-                        if let (Some(c), Ok(sha)) = (cache, &hashed[i]) {
-                            c.put(sha, &f)?;
+                        if let (Some(c), Some(key)) = (cache, &keys[i]) {
+                            c.put(key, &f)?;
                         }
                         rows[i] = Some(f);
                         stats.computed += 1;

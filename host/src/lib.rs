@@ -1,6 +1,7 @@
 //! petcam on the workstation: transfer learning on a frozen ImageNet backbone, export of backbone
 //! and head as one ONNX model, and evaluation of exported models with tract.
 
+pub mod augment;
 pub mod backbone;
 pub mod cli;
 pub mod dataset;

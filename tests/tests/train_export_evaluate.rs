@@ -296,6 +296,24 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     assert_eq!(models[1]["quantization"], "int8");
     assert_eq!(models[1]["latency"]["runs"], 3);
     assert!(models[1]["profile"].as_array().unwrap().len() > 3);
+
+    // --augment: 2 views of each of the 40 readable training photos are computed once, then
+    // come from the cache; the head trains on 120 rows; validation is never augmented.
+    for computed in [80, 0] {
+        let augmented = train(&["--augment", "--augment-views", "2", "--quantize", "none"]);
+        assert!(augmented.status.success());
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        assert_eq!(report["timings"]["features_computed"], computed);
+        let a = &report["training"]["augmentation"];
+        assert_eq!(a["views_per_photo"], 2);
+        assert_eq!(a["training_rows"], 120);
+        assert_eq!(
+            report["dataset"]["train_counts"],
+            serde_json::json!([20, 20])
+        );
+        assert_eq!(report["evaluation"]["images"], 30);
+    }
 }
 
 #[test]

@@ -138,8 +138,22 @@ pub struct TrainingInfo {
     pub class_weights: Vec<f32>,
     /// Epochs without validation improvement before stopping.
     pub early_stopping_patience: usize,
+    /// Training-photo augmentation, when asked for.
+    #[serde(default)]
+    pub augmentation: Option<AugmentationInfo>,
     /// One entry per epoch run.
     pub history: Vec<EpochMetrics>,
+}
+
+/// How the training photos were augmented (frozen backbone: views computed once, cached).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AugmentationInfo {
+    /// What a view is: crop, flip and jitter ranges, and their version.
+    pub kind: String,
+    /// Augmented views per training photo.
+    pub views_per_photo: u32,
+    /// Training rows: the photos plus their views.
+    pub training_rows: usize,
 }
 
 /// Metrics at the end of one epoch, as training records them.
@@ -887,7 +901,15 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
     writeln!(out, "| dropout | {} |", training.dropout)?;
     writeln!(out, "| label smoothing | {} |", training.label_smoothing)?;
     writeln!(out, "| class weights | {} |", weights.join(", "))?;
-    writeln!(out, "| seed | {} |\n", training.seed)?;
+    writeln!(out, "| seed | {} |", training.seed)?;
+    match &training.augmentation {
+        Some(a) => writeln!(
+            out,
+            "| augmentation | {} views per photo ({}), {} training rows |\n",
+            a.views_per_photo, a.kind, a.training_rows
+        )?,
+        None => writeln!(out, "| augmentation | none |\n")?,
+    }
     writeln!(
         out,
         "| epoch | train loss | train accuracy | validation loss | validation accuracy |\n\
@@ -1106,6 +1128,7 @@ dog            0    1
                 seed: 42,
                 class_weights: vec![1.0, 0.975],
                 early_stopping_patience: 5,
+                augmentation: None,
                 history,
             },
             evaluation: Evaluation::from_predictions(&classes, &truth, &predicted),
