@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::augment;
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, Tap};
 use crate::dataset::{self, Sample};
 
 /// Bumped whenever decoding or resizing changes in a way that changes the pixels.
@@ -99,13 +99,26 @@ pub struct FeatureCache {
 impl FeatureCache {
     /// The cache of one backbone (weights and preprocessing) under `root`.
     pub fn new(root: &Path, backbone: &Backbone) -> Self {
+        Self::at(root, backbone, Tap::Pooled)
+    }
+
+    /// The cache of what `backbone` has at `tap` under `root`.
+    pub fn at(root: &Path, backbone: &Backbone, tap: Tap) -> Self {
         let mut h = Sha256::new();
+        let tap = match tap {
+            // Pooled features keep the key they had before taps existed.
+            Tap::Pooled => String::new(),
+            Tap::Block(i) => format!("block-input-{i}"),
+        };
         for part in [
             backbone.name.as_str(),
             backbone.weights_sha256.as_str(),
             &backbone.input_size.to_string(),
             PREPROCESS_VERSION,
-        ] {
+        ]
+        .into_iter()
+        .chain((!tap.is_empty()).then_some(tap.as_str()))
+        {
             h.update(part.as_bytes());
             h.update([0]);
         }
@@ -166,19 +179,20 @@ enum Failure {
     Backbone(candle_core::Error),
 }
 
-/// Features of `n` RGB images (`n * size * size * 3` bytes).
+/// What `backbone` has at `tap` for `n` RGB images (`n * size * size * 3` bytes).
 fn forward(
     backbone: &Backbone,
     pixels: Vec<u8>,
     n: usize,
     size: u32,
+    tap: Tap,
 ) -> candle_core::Result<Vec<Vec<f32>>> {
     let rgb = Tensor::from_vec(
         pixels,
         (n, size as usize, size as usize, 3),
         backbone.device(),
     )?;
-    backbone.features(&rgb)?.to_vec2::<f32>()
+    backbone.tap(&rgb, tap)?.to_vec2::<f32>()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -210,6 +224,7 @@ pub fn extract(
 ) -> Result<(FeatureSet, ExtractStats), FeatureError> {
     extract_views(
         backbone,
+        Tap::Pooled,
         samples,
         &vec![None; samples.len()],
         cache,
@@ -238,7 +253,37 @@ pub fn extract_augmented(
         .iter()
         .flat_map(|_| (0..views).map(|index| Some(View { seed, index })))
         .collect();
-    extract_views(backbone, &repeated, &which, cache, batch_size, what)
+    extract_views(
+        backbone,
+        Tap::Pooled,
+        &repeated,
+        &which,
+        cache,
+        batch_size,
+        what,
+    )
+}
+
+/// What `backbone` has at `tap` for every readable photo in `samples`, each photo as it is or
+/// as its augmented `view`. Rows come in the order of `samples`.
+pub fn extract_at(
+    backbone: &Backbone,
+    tap: Tap,
+    samples: &[Sample],
+    view: Option<View>,
+    cache: Option<&FeatureCache>,
+    batch_size: usize,
+    what: &str,
+) -> Result<(FeatureSet, ExtractStats), FeatureError> {
+    extract_views(
+        backbone,
+        tap,
+        samples,
+        &vec![view; samples.len()],
+        cache,
+        batch_size,
+        what,
+    )
 }
 
 /// The network input for one sample: the photo resized, or an augmented view of it.
@@ -260,6 +305,7 @@ fn load(
 
 fn extract_views(
     backbone: &Backbone,
+    tap: Tap,
     samples: &[Sample],
     views: &[Option<View>],
     cache: Option<&FeatureCache>,
@@ -267,7 +313,7 @@ fn extract_views(
     what: &str,
 ) -> Result<(FeatureSet, ExtractStats), FeatureError> {
     let start = Instant::now();
-    let dim = backbone.feature_dim();
+    let dim = backbone.tap_dim(tap);
     let size = backbone.input_size as u32;
 
     // Hash every photo (reading is cheap next to decoding) and look each hash up in the cache.
@@ -329,7 +375,7 @@ fn extract_views(
                         let r = load(&samples[i], views[i], hashed[i].as_deref().ok(), size)
                             .map_err(Failure::Photo)
                             .and_then(|img| {
-                                forward(backbone, img.into_raw(), 1, size)
+                                forward(backbone, img.into_raw(), 1, size, tap)
                                     .map(|mut f| f.remove(0))
                                     .map_err(Failure::Backbone)
                             });
@@ -355,12 +401,13 @@ fn extract_views(
                     }
                 }
                 if !ok.is_empty() {
-                    let feats = forward(backbone, pixels, ok.len(), size).map_err(|source| {
-                        FeatureError::Backbone {
-                            path: samples[ok[0]].path.clone(),
-                            source,
-                        }
-                    })?;
+                    let feats =
+                        forward(backbone, pixels, ok.len(), size, tap).map_err(|source| {
+                            FeatureError::Backbone {
+                                path: samples[ok[0]].path.clone(),
+                                source,
+                            }
+                        })?;
                     out.extend(ok.into_iter().zip(feats).map(|(i, f)| (i, Ok(f))));
                 }
                 bar.inc(batch.len() as u64);

@@ -203,6 +203,15 @@ pub struct Classifier {
     pub bias: Tensor,
 }
 
+/// Where feature extraction stops: the pooled features, or the input of a block (what the
+/// frozen part hands to the blocks that are fine-tuned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tap {
+    #[default]
+    Pooled,
+    Block(usize),
+}
+
 /// Names `--backbone` accepts.
 pub const NAMES: &[&str] = &["efficientnet-lite0", "mobilenet-v2"];
 
@@ -394,6 +403,59 @@ impl Backbone {
         let f = y.mean((2, 3))?;
         visit("features", &f)?;
         Ok(f)
+    }
+
+    /// Where block `index` starts: `(channels, height, width)` of its input.
+    pub fn block_input_shape(&self, index: usize) -> (usize, usize, usize) {
+        let mut side = self.input_size.div_ceil(self.stem.stride);
+        for b in &self.blocks[..index] {
+            side = side.div_ceil(b.depthwise.stride);
+        }
+        let channels = match self.blocks.get(index) {
+            Some(b) => b
+                .expand
+                .as_ref()
+                .map_or(b.depthwise.out_channels(), |e| e.weight.dims()[1]),
+            None => self.head.weight.dims()[1],
+        };
+        (channels, side, side)
+    }
+
+    /// Values per photo at `tap`.
+    pub fn tap_dim(&self, tap: Tap) -> usize {
+        match tap {
+            Tap::Pooled => self.feature_dim(),
+            Tap::Block(i) => {
+                let (c, h, w) = self.block_input_shape(i);
+                c * h * w
+            }
+        }
+    }
+
+    /// RGB bytes `[batch, height, width, 3]` to what the backbone has at `tap`, one row per
+    /// photo: `[batch, tap_dim]`.
+    pub fn tap(&self, rgb: &Tensor, tap: Tap) -> candle_core::Result<Tensor> {
+        let Tap::Block(cut) = tap else {
+            return self.features(rgb);
+        };
+        let mut y = if rgb.device().is_cpu() && self.stem.groups == 1 {
+            ops::stem_from_rgb(rgb, &self.stem, self.normalization)?
+        } else {
+            self.stem.forward(&self.normalize(rgb)?)?
+        };
+        for block in &self.blocks[..cut] {
+            y = block.forward(&y)?;
+        }
+        y.flatten_from(1)
+    }
+
+    /// Pooled features from the input of block `cut` (`[batch, c, h, w]`), in inference form.
+    pub fn features_from_block(&self, x: &Tensor, cut: usize) -> candle_core::Result<Tensor> {
+        let mut y = x.clone();
+        for block in &self.blocks[cut..] {
+            y = block.forward(&y)?;
+        }
+        self.head.forward(&y)?.mean((2, 3))
     }
 
     /// ImageNet logits from pooled features, when the checkpoint carries its classifier.
