@@ -7,6 +7,7 @@ pub mod cli;
 pub mod dataset;
 pub mod export;
 pub mod features;
+pub mod finetune;
 pub mod head;
 pub mod model;
 pub mod report;

@@ -41,6 +41,8 @@ pub enum TrainError {
     NoTrainingData,
     #[error("training failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("augmented views: {0}")]
+    Views(String),
 }
 
 /// Loss and accuracy of one epoch. Accuracies are fractions in 0..=1.
@@ -56,6 +58,12 @@ pub struct EpochMetrics {
     pub val_loss: f64,
     /// Validation accuracy.
     pub val_accuracy: f64,
+    /// Learning rate of the head during the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Learning rate of the unfrozen backbone layers, when fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_lr: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,7 +128,7 @@ pub fn class_weights(labels: &[usize], classes: usize) -> Vec<f32> {
 }
 
 /// Weighted cross-entropy with label smoothing, averaged with the weights as in PyTorch.
-fn loss(
+pub(crate) fn loss(
     logits: &Tensor,
     labels: &[usize],
     classes: usize,
@@ -152,7 +160,7 @@ fn batch_tensor(set: &FeatureSet, idx: &[usize], dev: &Device) -> candle_core::R
     Tensor::from_vec(x, (idx.len(), set.dim), dev)
 }
 
-fn correct(logits: &Tensor, labels: &[usize]) -> candle_core::Result<usize> {
+pub(crate) fn correct(logits: &Tensor, labels: &[usize]) -> candle_core::Result<usize> {
     let pred = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     Ok(pred
         .iter()
@@ -162,7 +170,7 @@ fn correct(logits: &Tensor, labels: &[usize]) -> candle_core::Result<usize> {
 }
 
 /// Validation loss (plain cross-entropy, no smoothing or weights) and accuracy.
-fn evaluate(
+pub(crate) fn evaluate(
     head: &Head,
     set: &FeatureSet,
     classes: usize,
@@ -244,6 +252,8 @@ pub fn train(
             train_accuracy: right as f64 / train.len() as f64,
             val_loss,
             val_accuracy,
+            lr: Some(cfg.lr),
+            backbone_lr: None,
         };
         on_epoch(&m);
         history.push(m);

@@ -9,15 +9,19 @@ use candle_core::Device;
 use petcam_shared::metadata;
 use prost::Message;
 
-use crate::backbone::{Backbone, LoadOptions};
+use crate::backbone::{Backbone, LoadOptions, Tap};
 use crate::dataset::{self, Dataset, Split};
 use crate::export::calibrate::{self, RangeMethod};
 use crate::export::quantize::QuantizeForm;
 use crate::export::{onnx, verify};
-use crate::features::{self, FeatureCache, FeatureSet};
+use crate::features::{self, FeatureCache, FeatureSet, View};
+use crate::finetune::{self, FineTuneConfig};
 use crate::model::{top1, ExportedModel};
 use crate::report::{self, Misclassified, Report};
 use crate::train::{self, TrainConfig};
+
+/// Default epochs with --unfreeze: each runs the unfrozen blocks forward and backward.
+const FINE_TUNE_EPOCHS: usize = 12;
 
 /// Backbones `--backbone` accepts, with the file `tools/fetch-backbone` puts in the cache.
 const BACKBONES: &[(&str, &str)] = &[("efficientnet-lite0", "efficientnet-lite0-57934424.pth")];
@@ -28,6 +32,11 @@ const BACKBONES: &[(&str, &str)] = &[("efficientnet-lite0", "efficientnet-lite0-
 /// once and cached on disk; a new head (dropout + linear) learns your classes; backbone and head
 /// are exported as one ONNX model that takes RGB bytes and returns class probabilities. The
 /// model is then loaded with tract and checked against the trainer on the validation photos.
+///
+/// With --unfreeze N the top N blocks of the backbone and its head convolution train too (at
+/// --backbone-lr); what the frozen blocks below hand them is cached instead of the pooled
+/// features, so an epoch runs only the unfrozen part. The exported model carries the
+/// fine-tuned weights.
 ///
 /// OUT receives model.onnx, report.json, report.md, training_curves.png,
 /// confusion_matrix.png and misclassified.jpg.
@@ -61,20 +70,34 @@ pub struct Args {
     /// Fraction of photos held out for validation with the DIR/<class> layout.
     #[arg(long, default_value_t = 0.2)]
     pub val_fraction: f32,
-    /// Maximum training epochs (early stopping usually ends sooner).
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
-    pub epochs: usize,
+    /// Maximum training epochs (early stopping usually ends sooner) [default: 60, or 12 with
+    /// --unfreeze].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Fine-tune the top N blocks of the backbone and its head convolution together with the
+    /// head (0 = the whole backbone stays frozen). The head first learns on the frozen
+    /// backbone (a linear probe), then both learning rates follow a cosine decay.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub unfreeze: usize,
+    /// AdamW learning rate of the unfrozen backbone layers [default: --lr / 10].
+    #[arg(long, value_name = "LR", requires = "unfreeze")]
+    pub backbone_lr: Option<f64>,
+    /// Update the BatchNorm statistics of the unfrozen blocks from each batch (PyTorch's
+    /// train mode). By default ImageNet's statistics stay, which suits small batches.
+    #[arg(long, requires = "unfreeze")]
+    pub train_bn: bool,
     /// Augment the training photos: a random resized crop (at least 35% of the photo, aspect
     /// 3:4 to 4:3), a horizontal flip and mild colour jitter (brightness, contrast and
-    /// saturation within 20%), drawn from --seed. The backbone is frozen, so --augment-views
+    /// saturation within 20%), drawn from --seed. With a frozen backbone, --augment-views
     /// views of each photo are computed once and their features cached; the head trains on
-    /// the photos and their views. Validation photos are never augmented.
+    /// the photos and their views. With --unfreeze, every epoch draws a new view of each
+    /// photo. Validation photos are never augmented.
     #[arg(long)]
     pub augment: bool,
-    /// Augmented views per training photo, with --augment.
+    /// Augmented views per training photo, with --augment and a frozen backbone.
     #[arg(long, default_value_t = 4, value_name = "K", requires = "augment")]
     pub augment_views: u32,
-    /// AdamW learning rate.
+    /// AdamW learning rate (of the head, when fine-tuning).
     #[arg(long, default_value_t = TrainConfig::default().lr)]
     pub lr: f64,
     /// AdamW weight decay.
@@ -213,21 +236,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         input_size: Some(args.input_size),
         width: args.width_multiplier,
     };
-    let backbone = Backbone::load_with(&args.backbone, &weights, &device, options)
+    let mut backbone = Backbone::load_with(&args.backbone, &weights, &device, options)
         .with_context(|| format!("loading backbone {}", args.backbone))?;
-    let cache = (!args.no_cache).then(|| FeatureCache::new(&cache_root, &backbone));
+    let blocks = backbone.blocks.len();
+    if args.unfreeze > blocks {
+        bail!(
+            "--unfreeze {} asks for more blocks than {} has ({blocks}); use 1 to {blocks}",
+            args.unfreeze,
+            backbone.name
+        );
+    }
+    let cut = blocks - args.unfreeze;
+    // Fine-tuning caches what the frozen blocks hand to the first unfrozen one.
+    let tap = if args.unfreeze > 0 {
+        Tap::Block(cut)
+    } else {
+        Tap::Pooled
+    };
+    let cache = (!args.no_cache).then(|| FeatureCache::at(&cache_root, &backbone, tap));
 
     let t_feat = Instant::now();
-    let (train_set, train_stats) = features::extract(
+    let (mut train_set, train_stats) = features::extract_at(
         &backbone,
+        tap,
         &ds.train,
+        None,
         cache.as_ref(),
         args.extract_batch,
         "train",
     )?;
-    let (val_set, val_stats) = features::extract(
+    let (mut val_set, val_stats) = features::extract_at(
         &backbone,
+        tap,
         &ds.val,
+        None,
         cache.as_ref(),
         args.extract_batch,
         "val",
@@ -241,7 +283,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // calibration and the report's counts stay with the photos themselves.
     let mut fit_set = train_set.clone();
     let mut augment_stats = None;
-    if args.augment && args.augment_views > 0 {
+    if args.augment && args.augment_views > 0 && args.unfreeze == 0 {
         let (views, stats) = features::extract_augmented(
             &backbone,
             &ds.train,
@@ -287,8 +329,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    let default_epochs = if args.unfreeze > 0 {
+        FINE_TUNE_EPOCHS
+    } else {
+        TrainConfig::default().epochs
+    };
     let cfg = TrainConfig {
-        epochs: args.epochs,
+        epochs: args.epochs.unwrap_or(default_epochs),
         lr: args.lr,
         weight_decay: args.weight_decay,
         batch_size: args.batch_size,
@@ -303,8 +350,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .unwrap()
             .progress_chars("=> "),
     );
-    bar.set_message("head");
-    let outcome = train::train(&fit_set, &val_set, ds.classes.len(), &cfg, &device, |m| {
+    let show = |m: &train::EpochMetrics| {
         bar.set_prefix(format!(
             "train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}%",
             m.train_loss,
@@ -313,7 +359,71 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             m.val_accuracy * 100.0
         ));
         bar.inc(1);
-    })?;
+    };
+    let mut fine_tune = None;
+    let mut view_stats = Vec::new();
+    let outcome = if args.unfreeze == 0 {
+        bar.set_message("head");
+        train::train(&fit_set, &val_set, ds.classes.len(), &cfg, &device, show)?
+    } else {
+        bar.set_message("fine-tune");
+        let ft_cfg = FineTuneConfig {
+            unfreeze: args.unfreeze,
+            head: cfg.clone(),
+            backbone_lr: args.backbone_lr.unwrap_or(args.lr / 10.0),
+            train_bn: args.train_bn,
+        };
+        // With --augment each epoch trains on a fresh view of every photo, through the frozen
+        // blocks again; the views are not cached (each is seen once).
+        let mut epoch_rows = |epoch: usize| -> Result<Option<FeatureSet>, train::TrainError> {
+            if !args.augment {
+                return Ok(None);
+            }
+            let view = View {
+                seed: args.seed,
+                index: epoch as u32,
+            };
+            let (set, stats) = bar
+                .suspend(|| {
+                    features::extract_at(
+                        &backbone,
+                        tap,
+                        &ds.train,
+                        Some(view),
+                        None,
+                        args.extract_batch,
+                        &format!("views {epoch}"),
+                    )
+                })
+                .map_err(|e| train::TrainError::Views(e.to_string()))?;
+            view_stats.push(stats);
+            Ok(Some(set))
+        };
+        let tuned = finetune::fine_tune(
+            &backbone,
+            &train_set,
+            &val_set,
+            ds.classes.len(),
+            &ft_cfg,
+            &mut epoch_rows,
+            show,
+        )?;
+        // From here on the exported (fine-tuned, BatchNorm folded) backbone is the reference:
+        // pooled features through it are what model.onnx computes.
+        train_set = finetune::pooled_features(&tuned.backbone, cut, &train_set)?;
+        val_set = finetune::pooled_features(&tuned.backbone, cut, &val_set)?;
+        fit_set = train_set.clone();
+        backbone = tuned.backbone;
+        fine_tune = Some(report::FineTuneInfo {
+            unfrozen_blocks: args.unfreeze,
+            total_blocks: blocks,
+            backbone_lr: ft_cfg.backbone_lr,
+            train_bn: ft_cfg.train_bn,
+            schedule: "linear probe, then cosine decay of both rates over the epochs".into(),
+            stats: tuned.stats,
+        });
+        tuned.outcome
+    };
     bar.finish_and_clear();
     let train_s = t_train.elapsed().as_secs_f64();
 
@@ -518,11 +628,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seed: cfg.seed,
             class_weights: outcome.class_weights.clone(),
             early_stopping_patience: cfg.patience,
-            augmentation: augment_stats.as_ref().map(|_| report::AugmentationInfo {
-                kind: crate::augment::VERSION.to_owned(),
-                views_per_photo: args.augment_views,
-                training_rows: fit_set.len(),
-            }),
+            augmentation: if !args.augment {
+                None
+            } else if fine_tune.is_some() {
+                Some(report::AugmentationInfo {
+                    kind: crate::augment::VERSION.to_owned(),
+                    views_per_photo: view_stats.len() as u32,
+                    training_rows: fit_set.len(),
+                    on_the_fly: true,
+                })
+            } else {
+                augment_stats.as_ref().map(|_| report::AugmentationInfo {
+                    kind: crate::augment::VERSION.to_owned(),
+                    views_per_photo: args.augment_views,
+                    training_rows: fit_set.len(),
+                    on_the_fly: false,
+                })
+            },
+            fine_tune,
             history: outcome.history.clone(),
         },
         evaluation,

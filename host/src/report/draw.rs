@@ -5,7 +5,7 @@
 use font8x8::{legacy::BASIC_LEGACY, UnicodeFonts, BASIC_FONTS, LATIN_FONTS};
 use image::{imageops, Rgb, RgbImage};
 
-use super::{Evaluation, Misclassified, TrainingInfo};
+use super::{EpochMetrics, Evaluation, Misclassified, TrainingInfo};
 
 /// Size of `training_curves.png`.
 pub(super) const CURVES_SIZE: (u32, u32) = (1200, 520);
@@ -327,15 +327,34 @@ pub(super) fn training_curves(training: &TrainingInfo) -> RgbImage {
         .any(|m| m.epoch == training.best_epoch)
         .then_some(training.best_epoch as f64);
 
-    let half = w / 2;
-    for (panel, left) in [(loss, 0), (accuracy, half)] {
+    let mut panels = vec![loss, accuracy];
+    // Fine-tuning: both learning rates per epoch, in the train and validation colours.
+    if history.iter().any(|m| m.backbone_lr.is_some()) {
+        let series = |f: fn(&EpochMetrics) -> Option<f64>| {
+            history
+                .iter()
+                .filter_map(|m| f(m).map(|v| (m.epoch as f64, v * 1e3)))
+                .collect()
+        };
+        panels.push(Panel {
+            title: "learning rate x1000: head, backbone",
+            unit: "",
+            limits: (0.0, f64::INFINITY),
+            empty: (0.0, 1.0),
+            train: series(|m| m.lr),
+            val: series(|m| m.backbone_lr),
+        });
+    }
+    let part = w / panels.len() as i32;
+    for (i, panel) in panels.iter().enumerate() {
+        let left = i as i32 * part;
         let bounds = Area {
             left,
             top: 84,
-            right: left + half,
+            right: left + part,
             bottom: h,
         };
-        draw_panel(&mut img, bounds, &panel, x_range, best);
+        draw_panel(&mut img, bounds, panel, x_range, best);
     }
     img
 }

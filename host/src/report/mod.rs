@@ -141,6 +141,9 @@ pub struct TrainingInfo {
     /// Training-photo augmentation, when asked for.
     #[serde(default)]
     pub augmentation: Option<AugmentationInfo>,
+    /// Fine-tuning of the backbone's top blocks; absent when the whole backbone was frozen.
+    #[serde(default)]
+    pub fine_tune: Option<FineTuneInfo>,
     /// One entry per epoch run.
     pub history: Vec<EpochMetrics>,
 }
@@ -154,6 +157,26 @@ pub struct AugmentationInfo {
     pub views_per_photo: u32,
     /// Training rows: the photos plus their views.
     pub training_rows: usize,
+    /// Views drawn afresh every epoch (fine-tuning) instead of computed once and cached.
+    #[serde(default)]
+    pub on_the_fly: bool,
+}
+
+/// Which part of the backbone trained, and how fast.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct FineTuneInfo {
+    /// Blocks at the top that trained, with the head convolution.
+    pub unfrozen_blocks: usize,
+    /// Blocks in the backbone.
+    pub total_blocks: usize,
+    /// Peak learning rate of the unfrozen layers (the head's is `lr`).
+    pub backbone_lr: f64,
+    /// Whether BatchNorm statistics were updated (otherwise ImageNet's were kept).
+    pub train_bn: bool,
+    /// How both learning rates change over the epochs.
+    pub schedule: String,
+    #[serde(flatten)]
+    pub stats: crate::finetune::FineTuneStats,
 }
 
 /// Metrics at the end of one epoch, as training records them.
@@ -902,7 +925,52 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
     writeln!(out, "| label smoothing | {} |", training.label_smoothing)?;
     writeln!(out, "| class weights | {} |", weights.join(", "))?;
     writeln!(out, "| seed | {} |", training.seed)?;
+    match &training.fine_tune {
+        Some(f) => {
+            writeln!(
+                out,
+                "| backbone | top {} of {} blocks and the head convolution trained ({} \
+                 parameters), blocks below frozen ({} parameters) |",
+                f.unfrozen_blocks,
+                f.total_blocks,
+                f.stats.trainable_parameters,
+                f.stats.frozen_parameters
+            )?;
+            writeln!(
+                out,
+                "| backbone learning rate | {} ({}) |",
+                f.backbone_lr,
+                cell(&f.schedule)
+            )?;
+            writeln!(
+                out,
+                "| BatchNorm statistics | {} |",
+                if f.train_bn {
+                    "updated from each batch"
+                } else {
+                    "frozen (ImageNet)"
+                }
+            )?;
+            writeln!(
+                out,
+                "| head start | linear probe, {} validation accuracy |",
+                pct(f.stats.probe_val_accuracy)
+            )?;
+            writeln!(
+                out,
+                "| unfrozen part, images/s | {:.1} training (forward, backward, update), {:.1} \
+                 forward |",
+                f.stats.train_images_per_s, f.stats.forward_images_per_s
+            )?;
+        }
+        None => writeln!(out, "| backbone | frozen |")?,
+    }
     match &training.augmentation {
+        Some(a) if a.on_the_fly => writeln!(
+            out,
+            "| augmentation | a new view of each photo every epoch ({}) |\n",
+            a.kind
+        )?,
         Some(a) => writeln!(
             out,
             "| augmentation | {} views per photo ({}), {} training rows |\n",
@@ -910,18 +978,27 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
         )?,
         None => writeln!(out, "| augmentation | none |\n")?,
     }
-    writeln!(
-        out,
-        "| epoch | train loss | train accuracy | validation loss | validation accuracy |\n\
-         |---:|---:|---:|---:|---:|"
-    )?;
+    let fine_tuned = training.fine_tune.is_some();
+    if fine_tuned {
+        writeln!(
+            out,
+            "| epoch | train loss | train accuracy | validation loss | validation accuracy | \
+             head lr | backbone lr |\n|---:|---:|---:|---:|---:|---:|---:|"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "| epoch | train loss | train accuracy | validation loss | validation accuracy |\n\
+             |---:|---:|---:|---:|---:|"
+        )?;
+    }
     for m in &training.history {
         let best = if m.epoch == training.best_epoch {
             " (best)"
         } else {
             ""
         };
-        writeln!(
+        write!(
             out,
             "| {}{best} | {:.4} | {} | {:.4} | {} |",
             m.epoch,
@@ -930,6 +1007,11 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
             m.val_loss,
             pct(m.val_accuracy)
         )?;
+        if fine_tuned {
+            let lr = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2e}"));
+            write!(out, " {} | {} |", lr(m.lr), lr(m.backbone_lr))?;
+        }
+        writeln!(out)?;
     }
     writeln!(out)?;
 
@@ -1089,6 +1171,8 @@ dog            0    1
                     train_accuracy: 1.0 - 0.4 / t,
                     val_loss: 0.6 / t + 0.01 * t,
                     val_accuracy: 0.97 - 0.35 / t,
+                    lr: Some(1e-3),
+                    backbone_lr: None,
                 }
             })
             .collect();
@@ -1129,6 +1213,7 @@ dog            0    1
                 class_weights: vec![1.0, 0.975],
                 early_stopping_patience: 5,
                 augmentation: None,
+                fine_tune: None,
                 history,
             },
             evaluation: Evaluation::from_predictions(&classes, &truth, &predicted),
