@@ -57,6 +57,14 @@ pub struct BackboneSpec {
     pub input_size: u32,
     pub feature_dim: u32,
     pub weights_sha256: String,
+    /// Top blocks (with the head convolution) fine-tuned on the photos: their weights are no
+    /// longer the checkpoint's. Absent (0) when the whole backbone stayed frozen.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fine_tuned_blocks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,8 @@
 //! `petcam train-and-export --unfreeze`: fine-tuning the top of the backbone, end to end.
 
-use petcam_tests::{photo_subset, photos_and_weights, run, train_and_export};
+use std::process::Command;
+
+use petcam_tests::{binary, photo_subset, photos_and_weights, run, train_and_export};
 
 fn report(out: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
@@ -59,6 +61,14 @@ fn fine_tunes_the_top_blocks_and_exports_them() {
         md.contains("top 2 of 16 blocks") && md.contains("backbone lr"),
         "{md}"
     );
+    // The model says it was fine-tuned, and its self-test (the golden pair) passes in tract.
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("inspect").arg(out.join("model.onnx")).arg("--json");
+    let inspect = run(&mut cmd);
+    assert!(inspect.status.success());
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(inspect["backbone"]["fine_tuned_blocks"], 2);
+    assert_eq!(inspect["self_test"]["passed"], true, "{inspect}");
 
     // --train-bn: BatchNorm in training mode, folded back into the convolutions on export.
     // Each cut has its own cache, so the inputs of block 15 are computed afresh.

@@ -451,6 +451,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &created,
         args.quantize,
         None,
+        args.unfreeze,
     )?;
     let quantized = args.quantize != QuantizeForm::None;
     let calibration = if args.quantize == QuantizeForm::Int8 {
@@ -753,6 +754,7 @@ fn model_metadata(
     created: &str,
     form: QuantizeForm,
     calibration: Option<&calibrate::Calibration>,
+    fine_tuned_blocks: usize,
 ) -> anyhow::Result<(Vec<(String, String)>, image::RgbImage)> {
     let size = backbone.input_size as u32;
     let input = metadata::InputSpec {
@@ -772,6 +774,7 @@ fn model_metadata(
         input_size: size,
         feature_dim: backbone.feature_dim() as u32,
         weights_sha256: backbone.weights_sha256.clone(),
+        fine_tuned_blocks: fine_tuned_blocks as u32,
     };
     let metrics = serde_json::json!({
         "val_accuracy": evaluation.accuracy,

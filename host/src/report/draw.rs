@@ -337,7 +337,7 @@ pub(super) fn training_curves(training: &TrainingInfo) -> RgbImage {
                 .collect()
         };
         panels.push(Panel {
-            title: "learning rate x1000: head, backbone",
+            title: "lr x1e3 head/backbone",
             unit: "",
             limits: (0.0, f64::INFINITY),
             empty: (0.0, 1.0),

@@ -1402,6 +1402,54 @@ dog            0    1
     }
 
     #[test]
+    fn fine_tuning_shows_its_configuration_and_both_learning_rates() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut report = sample_report(4);
+        for m in &mut report.training.history {
+            m.backbone_lr = m.lr.map(|lr| lr / (10.0 * m.epoch as f64));
+        }
+        report.training.fine_tune = Some(FineTuneInfo {
+            unfrozen_blocks: 2,
+            total_blocks: 16,
+            backbone_lr: 1e-4,
+            train_bn: false,
+            schedule: "cosine".into(),
+            stats: crate::finetune::FineTuneStats {
+                first_unfrozen_block: 14,
+                trainable_parameters: 1_487_360,
+                frozen_parameters: 1_862_640,
+                probe_val_accuracy: 0.995,
+                train_images_per_s: 64.0,
+                forward_images_per_s: 345.0,
+            },
+        });
+        let files = write_report(&dir.path().join("r"), &report, &[]).unwrap();
+        let md = fs::read_to_string(&files.markdown).unwrap();
+        for needle in [
+            "| backbone | top 2 of 16 blocks and the head convolution trained (1487360 parameters)",
+            "| BatchNorm statistics | frozen (ImageNet) |",
+            "| head start | linear probe, 99.50% validation accuracy |",
+            "| 64.0 training (forward, backward, update), 345.0 forward |",
+            "| head lr | backbone lr |",
+            "| 1.00e-3 | 2.50e-5 |",
+        ] {
+            assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+        }
+        // The curves gain a third panel: the learning rates.
+        let with_lr = decode(&files.training_curves);
+        report.training.fine_tune = None;
+        report
+            .training
+            .history
+            .iter_mut()
+            .for_each(|m| m.backbone_lr = None);
+        let files = write_report(&dir.path().join("f"), &report, &[]).unwrap();
+        assert_ne!(with_lr, decode(&files.training_curves));
+        let md = fs::read_to_string(&files.markdown).unwrap();
+        assert!(md.contains("| backbone | frozen |") && !md.contains("backbone lr"));
+    }
+
+    #[test]
     fn contact_sheet_caps_at_sixteen_in_four_columns() {
         let cell_w = draw::THUMB + draw::SHEET_PAD;
         let cell_h = draw::THUMB + draw::CAPTION + draw::SHEET_PAD;
