@@ -43,6 +43,7 @@ fn fine_tunes_the_top_blocks_and_exports_them() {
         t["augmentation"]["views_per_photo"], 2,
         "one view per epoch"
     );
+    assert!(t["augmentation"]["views_s"].as_f64().unwrap() > 0.0);
     // Both learning rates per epoch, the backbone's a tenth of the head's, decaying.
     let history = t["history"].as_array().unwrap();
     assert_eq!(history.len(), 2);

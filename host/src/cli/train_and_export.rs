@@ -637,6 +637,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     views_per_photo: view_stats.len() as u32,
                     training_rows: fit_set.len(),
                     on_the_fly: true,
+                    views_s: Some(view_stats.iter().map(|s| s.seconds).sum()),
                 })
             } else {
                 augment_stats.as_ref().map(|_| report::AugmentationInfo {
@@ -644,6 +645,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     views_per_photo: args.augment_views,
                     training_rows: fit_set.len(),
                     on_the_fly: false,
+                    views_s: None,
                 })
             },
             fine_tune,

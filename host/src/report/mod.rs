@@ -160,6 +160,10 @@ pub struct AugmentationInfo {
     /// Views drawn afresh every epoch (fine-tuning) instead of computed once and cached.
     #[serde(default)]
     pub on_the_fly: bool,
+    /// Seconds spent decoding, augmenting and running views through the frozen blocks (on the
+    /// fly only; cached views count as features).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views_s: Option<f64>,
 }
 
 /// Which part of the backbone trained, and how fast.
@@ -968,8 +972,9 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
     match &training.augmentation {
         Some(a) if a.on_the_fly => writeln!(
             out,
-            "| augmentation | a new view of each photo every epoch ({}) |\n",
-            a.kind
+            "| augmentation | a new view of each photo every epoch ({}), {:.1} s |\n",
+            a.kind,
+            a.views_s.unwrap_or(f64::NAN)
         )?,
         Some(a) => writeln!(
             out,
