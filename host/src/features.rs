@@ -222,11 +222,11 @@ pub fn extract(
     batch_size: usize,
     what: &str,
 ) -> Result<(FeatureSet, ExtractStats), FeatureError> {
-    extract_views(
+    extract_at(
         backbone,
         Tap::Pooled,
         samples,
-        &vec![None; samples.len()],
+        None,
         cache,
         batch_size,
         what,

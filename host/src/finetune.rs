@@ -455,7 +455,6 @@ pub fn fine_tune(
     let mut opt_backbone = AdamW::new(top.vars(), params(cfg.backbone_lr))?;
     let weights = train::class_weights(&train_set.labels, classes);
     let mut rng = SplitMix64::new(hc.seed);
-    let keep = 1.0 - hc.dropout;
     let mut history = Vec::new();
     let mut best: Option<(f64, usize, HeadWeights, Backbone)> = None;
     let (mut step_rows, mut step_s, mut eval_rows, mut eval_s) = (0usize, 0f64, 0usize, 0f64);
@@ -474,20 +473,7 @@ pub fn fine_tune(
         for idx in order.chunks(hc.batch_size.max(1)) {
             let x = batch(rows, idx, shape, &dev)?;
             let f = top.forward(&x, Mode::Train)?;
-            let mask = if hc.dropout > 0.0 {
-                let m: Vec<f32> = (0..f.elem_count())
-                    .map(|_| {
-                        if rng.next_f32() < keep {
-                            1.0 / keep
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, f.shape(), &dev)?)
-            } else {
-                None
-            };
+            let mask = train::dropout_mask(&mut rng, hc.dropout, f.dims2()?, &dev)?;
             let labels: Vec<usize> = idx.iter().map(|&i| rows.labels[i]).collect();
             let logits = head.forward(&f, mask.as_ref())?;
             let l = train::loss(&logits, &labels, classes, hc.label_smoothing, &weights)?;

@@ -160,6 +160,30 @@ fn batch_tensor(set: &FeatureSet, idx: &[usize], dev: &Device) -> candle_core::R
     Tensor::from_vec(x, (idx.len(), set.dim), dev)
 }
 
+/// An inverted-dropout mask for `(rows, dim)` inputs: 0 or 1/(1-p) per value, from `rng` so
+/// runs repeat; `None` when `p` is 0.
+pub(crate) fn dropout_mask(
+    rng: &mut SplitMix64,
+    p: f32,
+    shape: (usize, usize),
+    dev: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if p <= 0.0 {
+        return Ok(None);
+    }
+    let keep = 1.0 - p;
+    let m: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            if rng.next_f32() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(m, shape, dev).map(Some)
+}
+
 pub(crate) fn correct(logits: &Tensor, labels: &[usize]) -> candle_core::Result<usize> {
     let pred = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     Ok(pred
@@ -217,27 +241,13 @@ pub fn train(
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut history = Vec::new();
     let mut best: Option<(f64, usize, HeadWeights)> = None;
-    let keep = 1.0 - cfg.dropout;
 
     for epoch in 1..=cfg.epochs {
         rng.shuffle(&mut order);
         let (mut loss_sum, mut right) = (0.0, 0);
         for idx in order.chunks(cfg.batch_size.max(1)) {
             let x = batch_tensor(train, idx, device)?;
-            let mask = if cfg.dropout > 0.0 {
-                let m: Vec<f32> = (0..idx.len() * train.dim)
-                    .map(|_| {
-                        if rng.next_f32() < keep {
-                            1.0 / keep
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, (idx.len(), train.dim), device)?)
-            } else {
-                None
-            };
+            let mask = dropout_mask(&mut rng, cfg.dropout, (idx.len(), train.dim), device)?;
             let labels: Vec<usize> = idx.iter().map(|&i| train.labels[i]).collect();
             let logits = head.forward(&x, mask.as_ref())?;
             let l = loss(&logits, &labels, classes, cfg.label_smoothing, &weights)?;
