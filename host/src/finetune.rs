@@ -326,7 +326,7 @@ impl Top {
     }
 }
 
-fn parameters(convs: impl Iterator<Item = Conv>) -> usize {
+fn parameters<'a>(convs: impl Iterator<Item = &'a Conv>) -> usize {
     convs
         .map(|c| c.weight.elem_count() + c.bias.elem_count())
         .sum()
@@ -377,13 +377,21 @@ pub fn pooled_features(
     cut: usize,
     set: &FeatureSet,
 ) -> candle_core::Result<FeatureSet> {
-    let mut top = Top::new(backbone, cut)?;
-    pooled(
-        &mut top,
-        set,
-        backbone.block_input_shape(cut),
-        backbone.device(),
-    )
+    let shape = backbone.block_input_shape(cut);
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let mut features = Vec::with_capacity(set.len() * backbone.feature_dim());
+    for chunk in idx.chunks(64) {
+        let x = batch(set, chunk, shape, backbone.device())?;
+        let f = backbone.features_from_block(&x, cut)?;
+        features.extend(f.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(FeatureSet {
+        dim: backbone.feature_dim(),
+        features,
+        labels: set.labels.clone(),
+        paths: set.paths.clone(),
+        content_sha256: set.content_sha256.clone(),
+    })
 }
 
 /// Cosine decay from the full rate at epoch 1 towards zero after the last epoch.
@@ -531,16 +539,16 @@ pub fn fine_tune(
     let (_, best_epoch, head, tuned) = best.expect("at least one epoch ran");
     let trainable = top.convs().map(TrainConv::parameters).sum::<usize>();
     let all = parameters(
-        std::iter::once(backbone.stem.clone())
+        std::iter::once(&backbone.stem)
             .chain(
                 backbone
                     .blocks
                     .iter()
-                    .flat_map(|b| b.expand.iter().chain([&b.depthwise, &b.project]).cloned()),
+                    .flat_map(|b| b.expand.iter().chain([&b.depthwise, &b.project])),
             )
-            .chain([backbone.head.clone()]),
+            .chain([&backbone.head]),
     );
-    let head_conv_and_top = parameters(top.convs().map(|c| c.template.clone()));
+    let head_conv_and_top = parameters(top.convs().map(|c| &c.template));
     Ok(FineTuned {
         backbone: tuned,
         outcome: TrainOutcome {

@@ -350,22 +350,21 @@ impl Backbone {
 
     /// Normalised NCHW input to pooled features `[batch, feature_dim]`.
     pub fn forward_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.after_stem(self.stem.forward(x)?)
+        self.features_from_block(&self.stem.forward(x)?, 0)
     }
 
-    fn after_stem(&self, mut y: Tensor) -> candle_core::Result<Tensor> {
-        for block in &self.blocks {
-            y = block.forward(&y)?;
+    /// The stem's output for RGB bytes: on CPU one fused op that reads the bytes directly.
+    fn stem_from(&self, rgb: &Tensor) -> candle_core::Result<Tensor> {
+        if rgb.device().is_cpu() && self.stem.groups == 1 {
+            ops::stem_from_rgb(rgb, &self.stem, self.normalization)
+        } else {
+            self.stem.forward(&self.normalize(rgb)?)
         }
-        self.head.forward(&y)?.mean((2, 3))
     }
 
     /// RGB bytes `[batch, height, width, 3]` to pooled features `[batch, feature_dim]`.
     pub fn features(&self, rgb: &Tensor) -> candle_core::Result<Tensor> {
-        if !rgb.device().is_cpu() || self.stem.groups != 1 {
-            return self.forward_features(&self.normalize(rgb)?);
-        }
-        self.after_stem(ops::stem_from_rgb(rgb, &self.stem, self.normalization)?)
+        self.features_from_block(&self.stem_from(rgb)?, 0)
     }
 
     /// Like [`Backbone::features`], calling `visit` with every tensor the int8 export
@@ -377,11 +376,7 @@ impl Backbone {
         rgb: &Tensor,
         visit: &mut dyn FnMut(&str, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
-        let mut y = if rgb.device().is_cpu() && self.stem.groups == 1 {
-            ops::stem_from_rgb(rgb, &self.stem, self.normalization)?
-        } else {
-            self.stem.forward(&self.normalize(rgb)?)?
-        };
+        let mut y = self.stem_from(rgb)?;
         visit("stem", &y)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let input = y.clone();
@@ -438,11 +433,7 @@ impl Backbone {
         let Tap::Block(cut) = tap else {
             return self.features(rgb);
         };
-        let mut y = if rgb.device().is_cpu() && self.stem.groups == 1 {
-            ops::stem_from_rgb(rgb, &self.stem, self.normalization)?
-        } else {
-            self.stem.forward(&self.normalize(rgb)?)?
-        };
+        let mut y = self.stem_from(rgb)?;
         for block in &self.blocks[..cut] {
             y = block.forward(&y)?;
         }
