@@ -381,7 +381,17 @@ fn missing_weights_and_missing_cuda_are_clear_errors() {
     };
     // No --weights and nothing fetched: the error says how to get the checkpoint.
     let err = petcam(&[]);
-    assert!(err.contains("tools/fetch-backbone"), "{err}");
+    assert!(
+        err.contains("tools/fetch-backbone --backbone efficientnet-lite0"),
+        "{err}"
+    );
+    // The same for the larger Lites, which have their own checkpoints.
+    let err = petcam(&["--backbone", "efficientnet-lite2"]);
+    assert!(
+        err.contains("efficientnet-lite2-9656183e.pth")
+            && err.contains("tools/fetch-backbone --backbone efficientnet-lite2"),
+        "{err}"
+    );
     // Without CUDA in the build (the tested path) or without a GPU, asking for it is an error
     // that says which, never a panic. (A CUDA build on a GPU gets as far as the weights.)
     let err = petcam(&["--device", "cuda"]);

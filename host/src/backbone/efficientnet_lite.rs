@@ -35,32 +35,83 @@ pub struct EfficientNetLiteConfig {
 }
 
 impl EfficientNetLiteConfig {
-    /// EfficientNet-Lite0: width and depth multipliers 1.0, 224x224 input.
+    /// EfficientNet-Lite0: width and depth multipliers 1.0, trained at 224x224.
     pub fn lite0() -> Self {
-        let s = |kernel, stride, expand_ratio, out_channels, repeats| StageConfig {
-            kernel,
-            stride,
-            expand_ratio,
-            out_channels,
-            repeats,
-        };
+        Self::scaled("efficientnet-lite0", 1.0, 1.0, 224)
+    }
+
+    /// EfficientNet-Lite1: depth x1.1, trained at 240x240.
+    pub fn lite1() -> Self {
+        Self::scaled("efficientnet-lite1", 1.0, 1.1, 240)
+    }
+
+    /// EfficientNet-Lite2: width x1.1, depth x1.2, trained at 260x260.
+    pub fn lite2() -> Self {
+        Self::scaled("efficientnet-lite2", 1.1, 1.2, 260)
+    }
+
+    /// The configuration by `--backbone` name.
+    pub fn by_name(name: &str) -> Option<Self> {
+        match name {
+            "efficientnet-lite0" => Some(Self::lite0()),
+            "efficientnet-lite1" => Some(Self::lite1()),
+            "efficientnet-lite2" => Some(Self::lite2()),
+            _ => None,
+        }
+    }
+
+    /// Lite0's stages scaled as TensorFlow's `efficientnet_lite_builder` does: channels by
+    /// `width` (rounded to multiples of 8), repeats by `depth` (rounded up), except that the
+    /// stem, the head and the first and last stages stay fixed (the Lite variants'
+    /// `fix_head_stem`, which keeps them quantization-friendly).
+    fn scaled(name: &'static str, width: f64, depth: f64, input_size: usize) -> Self {
+        let base = [
+            (3, 1, 1, 16, 1),
+            (3, 2, 6, 24, 2),
+            (5, 2, 6, 40, 2),
+            (3, 2, 6, 80, 3),
+            (5, 1, 6, 112, 3),
+            (5, 2, 6, 192, 4),
+            (3, 1, 6, 320, 1),
+        ];
+        let last = base.len() - 1;
+        let stages = base
+            .iter()
+            .enumerate()
+            .map(
+                |(i, &(kernel, stride, expand_ratio, out_channels, repeats))| StageConfig {
+                    kernel,
+                    stride,
+                    expand_ratio,
+                    out_channels: round_filters(out_channels, width),
+                    repeats: if i == 0 || i == last {
+                        repeats
+                    } else {
+                        (repeats as f64 * depth).ceil() as usize
+                    },
+                },
+            )
+            .collect();
         Self {
-            name: "efficientnet-lite0",
-            input_size: 224,
+            name,
+            input_size,
             stem_channels: 32,
-            stages: vec![
-                s(3, 1, 1, 16, 1),
-                s(3, 2, 6, 24, 2),
-                s(5, 2, 6, 40, 2),
-                s(3, 2, 6, 80, 3),
-                s(5, 1, 6, 112, 3),
-                s(5, 2, 6, 192, 4),
-                s(3, 1, 6, 320, 1),
-            ],
+            stages,
             head_channels: 1280,
             batch_norm_eps: 1e-3,
             imagenet_classes: 1000,
         }
+    }
+}
+
+/// TensorFlow's `round_filters`: the nearest multiple of 8, never more than 10% below.
+fn round_filters(channels: usize, width: f64) -> usize {
+    let scaled = channels as f64 * width;
+    let rounded = ((scaled + 4.0) as usize / 8 * 8).max(8);
+    if (rounded as f64) < 0.9 * scaled {
+        rounded + 8
+    } else {
+        rounded
     }
 }
 
@@ -204,4 +255,54 @@ fn build(cfg: &EfficientNetLiteConfig, vb: VarBuilder) -> candle_core::Result<Pa
         _ => None,
     };
     Ok((stem, blocks, head, classifier))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(cfg: &EfficientNetLiteConfig) -> (Vec<usize>, Vec<usize>) {
+        cfg.stages
+            .iter()
+            .map(|s| (s.out_channels, s.repeats))
+            .unzip()
+    }
+
+    /// The stage widths and depths of the published Lite checkpoints (their `_project_conv`
+    /// shapes, block by block), which the scaling rules must reproduce.
+    #[test]
+    fn scaling_reproduces_the_published_checkpoints() {
+        assert_eq!(
+            shape(&EfficientNetLiteConfig::lite0()),
+            (
+                vec![16, 24, 40, 80, 112, 192, 320],
+                vec![1, 2, 2, 3, 3, 4, 1]
+            )
+        );
+        assert_eq!(
+            shape(&EfficientNetLiteConfig::lite1()),
+            (
+                vec![16, 24, 40, 80, 112, 192, 320],
+                vec![1, 3, 3, 4, 4, 5, 1]
+            )
+        );
+        assert_eq!(
+            shape(&EfficientNetLiteConfig::lite2()),
+            (
+                vec![16, 24, 48, 88, 120, 208, 352],
+                vec![1, 3, 3, 4, 4, 5, 1]
+            )
+        );
+        assert!(EfficientNetLiteConfig::by_name("efficientnet-lite3").is_none());
+    }
+
+    #[test]
+    fn round_filters_matches_tensorflow() {
+        // Lite2, Lite3 (192 x1.2 = 232) and Lite4 (320 x1.4 = 448) as published.
+        assert_eq!(round_filters(40, 1.1), 48);
+        assert_eq!(round_filters(112, 1.1), 120);
+        assert_eq!(round_filters(192, 1.2), 232);
+        assert_eq!(round_filters(320, 1.4), 448);
+        assert_eq!(round_filters(16, 1.0), 16);
+    }
 }

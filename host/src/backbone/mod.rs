@@ -213,7 +213,20 @@ pub enum Tap {
 }
 
 /// Names `--backbone` accepts.
-pub const NAMES: &[&str] = &["efficientnet-lite0", "mobilenet-v2"];
+pub const NAMES: &[&str] = &[
+    "efficientnet-lite0",
+    "efficientnet-lite1",
+    "efficientnet-lite2",
+    "mobilenet-v2",
+];
+
+/// The input size a backbone runs at unless told otherwise: the size it was trained at,
+/// rounded to the nearest multiple of 32 (Lite1's 240 and Lite2's 260 both become 256).
+pub fn default_input_size(name: &str) -> usize {
+    EfficientNetLiteConfig::by_name(name)
+        .map(|cfg| (cfg.input_size + 16) / 32 * 32)
+        .unwrap_or(224)
+}
 
 /// Five stride-2 layers: the input must divide by 32 for every stage to halve evenly.
 pub fn check_input_size(size: usize) -> Result<(), BackboneError> {
@@ -227,7 +240,7 @@ pub fn check_input_size(size: usize) -> Result<(), BackboneError> {
 /// What may vary for one backbone architecture.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    /// Input height and width; default: the size the backbone was trained at (224).
+    /// Input height and width; default: [`default_input_size`].
     pub input_size: Option<usize>,
     /// MobileNetV2's width multiplier; default: whatever the weights have.
     pub width: Option<f32>,
@@ -261,22 +274,22 @@ impl Backbone {
         device: &Device,
         options: LoadOptions,
     ) -> Result<Self, BackboneError> {
-        let size = options.input_size.unwrap_or(224);
-        match name {
-            "efficientnet-lite0" => {
-                if options.width.is_some() {
-                    return Err(BackboneError::Option(
-                        "--width-multiplier is for mobilenet-v2; EfficientNet-Lite0 has one width"
-                            .into(),
-                    ));
-                }
-                check_input_size(size)?;
-                let mut b =
-                    efficientnet_lite::load(&EfficientNetLiteConfig::lite0(), path, device)?;
-                // Every layer is convolutional with symmetric padding: any multiple of 32 works.
-                b.input_size = size;
-                Ok(b)
+        let size = options
+            .input_size
+            .unwrap_or_else(|| default_input_size(name));
+        if let Some(cfg) = EfficientNetLiteConfig::by_name(name) {
+            if options.width.is_some() {
+                return Err(BackboneError::Option(format!(
+                    "--width-multiplier is for mobilenet-v2; {name} has one width"
+                )));
             }
+            check_input_size(size)?;
+            let mut b = efficientnet_lite::load(&cfg, path, device)?;
+            // Every layer is convolutional with symmetric padding: any multiple of 32 works.
+            b.input_size = size;
+            return Ok(b);
+        }
+        match name {
             "mobilenet-v2" => mobilenet_v2::load(
                 path,
                 mobilenet_v2::Options {

@@ -24,7 +24,11 @@ use crate::train::{self, TrainConfig};
 const FINE_TUNE_EPOCHS: usize = 12;
 
 /// Backbones `--backbone` accepts, with the file `tools/fetch-backbone` puts in the cache.
-const BACKBONES: &[(&str, &str)] = &[("efficientnet-lite0", "efficientnet-lite0-57934424.pth")];
+const BACKBONES: &[(&str, &str)] = &[
+    ("efficientnet-lite0", "efficientnet-lite0-57934424.pth"),
+    ("efficientnet-lite1", "efficientnet-lite1-77cc7160.pth"),
+    ("efficientnet-lite2", "efficientnet-lite2-9656183e.pth"),
+];
 
 /// Train a classifier on photo folders and export it as one ONNX model.
 ///
@@ -51,18 +55,20 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Backbone weights: .pth (legacy or zip) or .safetensors; for mobilenet-v2 also a
-    /// TensorFlow Lite model. Default (efficientnet-lite0): the file tools/fetch-backbone put in
-    /// the cache folder.
+    /// TensorFlow Lite model. Default (EfficientNet-Lite): the file `tools/fetch-backbone
+    /// [--backbone NAME]` put in the cache folder.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
-    /// Backbone network. mobilenet-v2 reads torchvision or timm state dicts, or a TFLite model
-    /// (see `petcam import-backbone`).
+    /// Backbone network. Lite1 and Lite2 are larger EfficientNet-Lites: more accurate, slower
+    /// on the camera. mobilenet-v2 reads torchvision or timm state dicts, or a TFLite model (see
+    /// `petcam import-backbone`).
     #[arg(long, default_value = "efficientnet-lite0", value_parser = crate::backbone::NAMES.to_vec())]
     pub backbone: String,
-    /// Input height and width in pixels: a multiple of 32 (96, 128, 160, 192, 224). Smaller is
-    /// faster on the camera and less accurate.
-    #[arg(long, default_value_t = 224, value_name = "PIXELS")]
-    pub input_size: usize,
+    /// Input height and width in pixels: a multiple of 32 from 64 to 512. Smaller is faster on
+    /// the camera and less accurate; larger sees small or low-resolution pets better
+    /// [default: 224; 256 for efficientnet-lite1 and -lite2].
+    #[arg(long, value_name = "PIXELS")]
+    pub input_size: Option<usize>,
     /// MobileNetV2 width multiplier (0.35, 0.5, 0.75 or 1.0) the weights must have. Default:
     /// whatever the weights have.
     #[arg(long, value_name = "W")]
@@ -203,9 +209,10 @@ fn resolve_weights(args: &Args, cache_root: &Path) -> anyhow::Result<PathBuf> {
     let path = cache_root.join("backbones").join(file);
     if !path.is_file() {
         bail!(
-            "no --weights given and {} is missing; run tools/fetch-backbone to fetch the \
-             ImageNet checkpoint, or pass --weights FILE",
-            path.display()
+            "no --weights given and {} is missing; run tools/fetch-backbone --backbone {} to \
+             fetch the ImageNet checkpoint, or pass --weights FILE",
+            path.display(),
+            args.backbone
         );
     }
     Ok(path)
@@ -233,7 +240,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t_dataset = t0.elapsed().as_secs_f64();
 
     let options = LoadOptions {
-        input_size: Some(args.input_size),
+        input_size: args.input_size,
         width: args.width_multiplier,
     };
     let mut backbone = Backbone::load_with(&args.backbone, &weights, &device, options)
