@@ -346,18 +346,19 @@ fn batch(
     Tensor::from_vec(x, (idx.len(), shape.0, shape.1, shape.2), dev)
 }
 
-/// Pooled features of every row of `set` through `top` in inference form.
-fn pooled(
-    top: &mut Top,
+/// Runs `forward` over `set` (rows shaped `shape`) 64 rows at a time and collects its pooled
+/// features.
+fn pooled_by(
     set: &FeatureSet,
     shape: (usize, usize, usize),
     dev: &Device,
+    mut forward: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<FeatureSet> {
     let idx: Vec<usize> = (0..set.len()).collect();
     let mut features = Vec::new();
     let mut dim = 0;
     for chunk in idx.chunks(64) {
-        let f = top.forward(&batch(set, chunk, shape, dev)?, Mode::Eval)?;
+        let f = forward(&batch(set, chunk, shape, dev)?)?;
         dim = f.dim(1)?;
         features.extend(f.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -370,6 +371,16 @@ fn pooled(
     })
 }
 
+/// Pooled features of every row of `set` through `top` in inference form.
+fn pooled(
+    top: &mut Top,
+    set: &FeatureSet,
+    shape: (usize, usize, usize),
+    dev: &Device,
+) -> candle_core::Result<FeatureSet> {
+    pooled_by(set, shape, dev, |x| top.forward(x, Mode::Eval))
+}
+
 /// Pooled features of `set` (activations at the input of block `cut`) through `backbone`'s
 /// top in inference form: what the exported model computes.
 pub fn pooled_features(
@@ -377,21 +388,12 @@ pub fn pooled_features(
     cut: usize,
     set: &FeatureSet,
 ) -> candle_core::Result<FeatureSet> {
-    let shape = backbone.block_input_shape(cut);
-    let idx: Vec<usize> = (0..set.len()).collect();
-    let mut features = Vec::with_capacity(set.len() * backbone.feature_dim());
-    for chunk in idx.chunks(64) {
-        let x = batch(set, chunk, shape, backbone.device())?;
-        let f = backbone.features_from_block(&x, cut)?;
-        features.extend(f.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(FeatureSet {
-        dim: backbone.feature_dim(),
-        features,
-        labels: set.labels.clone(),
-        paths: set.paths.clone(),
-        content_sha256: set.content_sha256.clone(),
-    })
+    pooled_by(
+        set,
+        backbone.block_input_shape(cut),
+        backbone.device(),
+        |x| backbone.features_from_block(x, cut),
+    )
 }
 
 /// Cosine decay from the full rate at epoch 1 towards zero after the last epoch.
