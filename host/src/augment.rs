@@ -4,6 +4,9 @@
 //! the same whatever the order or the thread that computes it, and its features can be cached
 //! under that key. The crop keeps at least [`MIN_AREA`] of the photo: with a frozen backbone a
 //! pet cropped out of the picture teaches the head nothing.
+//!
+//! With [`Policy::low_res`], half of the views are also shrunk before the final resize, so
+//! the network sees the soft, upscaled pixels of a pet far from the camera or of a small photo.
 
 use image::RgbImage;
 
@@ -17,8 +20,31 @@ const ASPECT: (f32, f32) = (3.0 / 4.0, 4.0 / 3.0);
 /// Brightness, contrast and saturation each scaled by a factor in [1 - J, 1 + J].
 const JITTER: f32 = 0.2;
 
+/// Low-resolution views are shrunk to between this fraction of the input size and the input size.
+pub const LOW_RES_MIN: f32 = 0.5;
+
 /// Bumped whenever a view's pixels change for the same key: it is part of the feature cache key.
 pub const VERSION: &str = "rrc0.35-flip-jitter0.2/v1";
+
+/// How views are drawn: the seed, and what kinds of view beyond crop, flip and jitter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Policy {
+    pub seed: u64,
+    /// Shrink half of the views (see [`LOW_RES_MIN`]) before resizing them to the input.
+    pub low_res: bool,
+}
+
+impl Policy {
+    /// Names the kind of views this policy draws: [`VERSION`], plus what the policy adds. Part
+    /// of the feature cache key and of the report.
+    pub fn kind(&self) -> String {
+        if self.low_res {
+            format!("{VERSION}+lowres{LOW_RES_MIN}")
+        } else {
+            VERSION.to_owned()
+        }
+    }
+}
 
 /// The random choices of one view.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,17 +58,22 @@ pub struct ViewParams {
     pub brightness: f32,
     pub contrast: f32,
     pub saturation: f32,
+    /// Shrink the crop to this fraction of the input size before resizing it to the input.
+    pub shrink: Option<f32>,
 }
 
 impl ViewParams {
-    /// The view `index` of a `width` x `height` photo whose content hash is `content_sha256`.
-    pub fn draw(seed: u64, content_sha256: &str, index: u32, width: u32, height: u32) -> Self {
+    /// The view `index`, drawn by `policy`, of a `width` x `height` photo whose content hash is `content_sha256`.
+    /// The draws that `policy` adds come last, so the other choices do not depend on it.
+    pub fn draw(policy: Policy, content_sha256: &str, index: u32, width: u32, height: u32) -> Self {
         let photo = content_sha256
             .get(..16)
             .and_then(|h| u64::from_str_radix(h, 16).ok())
             .unwrap_or(0);
         let mut rng = SplitMix64::new(
-            seed ^ photo.rotate_left(17) ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            policy.seed
+                ^ photo.rotate_left(17)
+                ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         let (w, h) = (width as f32, height as f32);
         let area = w * h;
@@ -63,24 +94,33 @@ impl ViewParams {
         }
         let mut jitter = || 1.0 + JITTER * (2.0 * rng.next_f32() - 1.0);
         let (brightness, contrast, saturation) = (jitter(), jitter(), jitter());
+        let flip = rng.next_u64() & 1 == 1;
+        let shrink = (policy.low_res && rng.next_u64() & 1 == 1)
+            .then(|| LOW_RES_MIN + (1.0 - LOW_RES_MIN) * rng.next_f32());
         Self {
             x: crop.0,
             y: crop.1,
             width: crop.2,
             height: crop.3,
-            flip: rng.next_u64() & 1 == 1,
+            flip,
             brightness,
             contrast,
             saturation,
+            shrink,
         }
     }
 }
 
-/// Crops, flips and jitters `img`, then resizes to `size` x `size` with the shared resize.
+/// Crops, flips and jitters `img`, then resizes to `size` x `size` with the shared resize
+/// (through the smaller size of a low-resolution view).
 pub fn apply(img: &RgbImage, p: &ViewParams, size: u32) -> RgbImage {
     let mut crop = image::imageops::crop_imm(img, p.x, p.y, p.width, p.height).to_image();
     if p.flip {
         image::imageops::flip_horizontal_in_place(&mut crop);
+    }
+    if let Some(f) = p.shrink {
+        let side = ((size as f32 * f).round() as u32).max(1);
+        crop = dataset::resize(&crop, side, side);
     }
     let mut out = dataset::resize(&crop, size, size);
     jitter(&mut out, p.brightness, p.contrast, p.saturation);
@@ -114,14 +154,21 @@ mod tests {
 
     const SHA: &str = "3f2a9c0d11e4b5a6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
 
+    fn plain(seed: u64) -> Policy {
+        Policy {
+            seed,
+            low_res: false,
+        }
+    }
+
     #[test]
     fn views_are_reproducible_and_differ_by_index_seed_and_photo() {
-        let a = ViewParams::draw(7, SHA, 0, 500, 375);
-        assert_eq!(a, ViewParams::draw(7, SHA, 0, 500, 375));
-        assert_ne!(a, ViewParams::draw(7, SHA, 1, 500, 375));
-        assert_ne!(a, ViewParams::draw(8, SHA, 0, 500, 375));
+        let a = ViewParams::draw(plain(7), SHA, 0, 500, 375);
+        assert_eq!(a, ViewParams::draw(plain(7), SHA, 0, 500, 375));
+        assert_ne!(a, ViewParams::draw(plain(7), SHA, 1, 500, 375));
+        assert_ne!(a, ViewParams::draw(plain(8), SHA, 0, 500, 375));
         let other = "00".to_owned() + &SHA[2..];
-        assert_ne!(a, ViewParams::draw(7, &other, 0, 500, 375));
+        assert_ne!(a, ViewParams::draw(plain(7), &other, 0, 500, 375));
     }
 
     #[test]
@@ -129,7 +176,7 @@ mod tests {
         let mut flips = 0;
         for i in 0..500 {
             let (w, h) = (500, 375);
-            let p = ViewParams::draw(1, SHA, i, w, h);
+            let p = ViewParams::draw(plain(1), SHA, i, w, h);
             assert!(p.x + p.width <= w && p.y + p.height <= h, "{p:?}");
             let area = (p.width * p.height) as f32 / (w * h) as f32;
             assert!(area >= MIN_AREA * 0.97, "view {i}: {area} of the photo");
@@ -141,6 +188,59 @@ mod tests {
             flips += usize::from(p.flip);
         }
         assert!((200..300).contains(&flips), "{flips} flips in 500");
+    }
+
+    #[test]
+    fn low_res_shrinks_half_the_views_and_changes_nothing_else() {
+        let low = Policy {
+            seed: 3,
+            low_res: true,
+        };
+        assert_ne!(low.kind(), plain(3).kind());
+        let mut shrunk = 0;
+        for i in 0..500 {
+            let plain = ViewParams::draw(plain(3), SHA, i, 500, 375);
+            let p = ViewParams::draw(low, SHA, i, 500, 375);
+            assert_eq!(plain.shrink, None);
+            assert_eq!(ViewParams { shrink: None, ..p }, plain);
+            if let Some(f) = p.shrink {
+                assert!((LOW_RES_MIN..=1.0).contains(&f), "{f}");
+                shrunk += 1;
+            }
+        }
+        assert!((200..300).contains(&shrunk), "{shrunk} shrunk in 500");
+
+        // A one-pixel checkerboard survives a plain resize to its own size and is blurred
+        // to greys by a shrink to half of it.
+        let img = RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb(if (x + y) % 2 == 0 { [0; 3] } else { [255; 3] })
+        });
+        let p = ViewParams {
+            x: 0,
+            y: 0,
+            width: 32,
+            height: 32,
+            flip: false,
+            brightness: 1.0,
+            contrast: 1.0,
+            saturation: 1.0,
+            shrink: None,
+        };
+        let sharp = apply(&img, &p, 32);
+        assert_eq!(sharp, img);
+        let soft = apply(
+            &img,
+            &ViewParams {
+                shrink: Some(0.5),
+                ..p
+            },
+            32,
+        );
+        assert!(
+            soft.pixels().all(|q| (64..=192).contains(&q[0])),
+            "{:?}",
+            soft.get_pixel(0, 0)
+        );
     }
 
     #[test]
@@ -158,6 +258,7 @@ mod tests {
             brightness: 1.0,
             contrast: 1.0,
             saturation: 1.0,
+            shrink: None,
         };
         let v = apply(&img, &p, 32);
         assert_eq!(v.dimensions(), (32, 32));

@@ -202,14 +202,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// An augmented view of a photo (see [`crate::augment`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct View {
-    pub seed: u64,
+    pub policy: augment::Policy,
     pub index: u32,
 }
 
 impl View {
     /// The cache key of this view of the photo with content hash `sha`.
     fn key(&self, sha: &str) -> String {
-        let tag = sha256_hex(format!("{}/{}", augment::VERSION, self.seed).as_bytes());
+        let tag = sha256_hex(format!("{}/{}", self.policy.kind(), self.policy.seed).as_bytes());
         format!("{sha}-{}-{}", &tag[..12], self.index)
     }
 }
@@ -233,13 +233,13 @@ pub fn extract(
     )
 }
 
-/// [`extract`] for `views` augmented views of each photo, drawn with `seed`: `views` rows per
-/// readable photo, in order. Each view's features are cached under the photo, the seed, the
-/// augmentation version and the view's index.
+/// [`extract`] for `views` augmented views of each photo, drawn by `policy`: `views` rows per
+/// readable photo, in order. Each view's features are cached under the photo, the policy (seed
+/// and kind of view, versioned) and the view's index.
 pub fn extract_augmented(
     backbone: &Backbone,
     samples: &[Sample],
-    seed: u64,
+    policy: augment::Policy,
     views: u32,
     cache: Option<&FeatureCache>,
     batch_size: usize,
@@ -251,7 +251,7 @@ pub fn extract_augmented(
         .collect();
     let which: Vec<Option<View>> = samples
         .iter()
-        .flat_map(|_| (0..views).map(|index| Some(View { seed, index })))
+        .flat_map(|_| (0..views).map(|index| Some(View { policy, index })))
         .collect();
     extract_views(
         backbone,
@@ -296,7 +296,7 @@ fn load(
     match (view, sha) {
         (Some(v), Some(sha)) => {
             let img = dataset::load_rgb(&sample.path).map_err(|e| e.to_string())?;
-            let p = augment::ViewParams::draw(v.seed, sha, v.index, img.width(), img.height());
+            let p = augment::ViewParams::draw(v.policy, sha, v.index, img.width(), img.height());
             Ok(augment::apply(&img, &p, size))
         }
         _ => dataset::load_input(&sample.path, size, size).map_err(|e| e.to_string()),

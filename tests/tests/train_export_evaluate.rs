@@ -314,6 +314,21 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
         );
         assert_eq!(report["evaluation"]["images"], 30);
     }
+    // Low-resolution views are other pixels: cached apart from the plain views, named apart.
+    let low = train(&[
+        "--augment",
+        "--augment-views",
+        "2",
+        "--augment-low-res",
+        "--quantize",
+        "none",
+    ]);
+    assert!(low.status.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["timings"]["features_computed"], 80);
+    let kind = report["training"]["augmentation"]["kind"].as_str().unwrap();
+    assert!(kind.contains("lowres"), "{kind}");
 }
 
 #[test]

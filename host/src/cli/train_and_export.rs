@@ -100,6 +100,11 @@ pub struct Args {
     /// photo. Validation photos are never augmented.
     #[arg(long)]
     pub augment: bool,
+    /// With --augment, shrink half of the views to between half the input size and the input
+    /// size before resizing them to the input: a pet far from the camera, a low-resolution
+    /// camera or a small photo, whose pixels reach the network soft and upscaled.
+    #[arg(long, requires = "augment")]
+    pub augment_low_res: bool,
     /// Augmented views per training photo, with --augment and a frozen backbone.
     #[arg(long, default_value_t = 4, value_name = "K", requires = "augment")]
     pub augment_views: u32,
@@ -290,11 +295,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // calibration and the report's counts stay with the photos themselves.
     let mut fit_set = train_set.clone();
     let mut augment_stats = None;
+    let policy = crate::augment::Policy {
+        seed: args.seed,
+        low_res: args.augment_low_res,
+    };
     if args.augment && args.augment_views > 0 && args.unfreeze == 0 {
         let (views, stats) = features::extract_augmented(
             &backbone,
             &ds.train,
-            args.seed,
+            policy,
             args.augment_views,
             cache.as_ref(),
             args.extract_batch,
@@ -387,7 +396,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 return Ok(None);
             }
             let view = View {
-                seed: args.seed,
+                policy,
                 index: epoch as u32,
             };
             let (set, stats) = bar
@@ -640,7 +649,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 None
             } else if fine_tune.is_some() {
                 Some(report::AugmentationInfo {
-                    kind: crate::augment::VERSION.to_owned(),
+                    kind: policy.kind(),
                     views_per_photo: view_stats.len() as u32,
                     training_rows: fit_set.len(),
                     on_the_fly: true,
@@ -648,7 +657,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 })
             } else {
                 augment_stats.as_ref().map(|_| report::AugmentationInfo {
-                    kind: crate::augment::VERSION.to_owned(),
+                    kind: policy.kind(),
                     views_per_photo: args.augment_views,
                     training_rows: fit_set.len(),
                     on_the_fly: false,
