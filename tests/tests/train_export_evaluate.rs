@@ -133,6 +133,22 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     let eval_right = (eval["accuracy"].as_f64().unwrap() * 30.0).round() as usize;
     assert_eq!(right, eval_right, "classify and evaluate disagree");
 
+    // A reader that goes away (`classify ... | head -1`) ends the run quietly, not in a panic.
+    let mut child = Command::new(binary("petcam-device"))
+        .arg("classify")
+        .arg("--model")
+        .arg(out.join("model.onnx"))
+        .arg(photos.join("val"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(closed.status.success(), "{:?}: {stderr}", closed.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
     // run over the same folder, deciding on every frame (no smoothing): each change of the
     // classified label is one decision event, on the frame where classify saw it change.
     let classified: Vec<(&str, &str)> = lines

@@ -34,6 +34,7 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         files.extend(source::image_files(p)?);
     }
     let mut failed = 0;
+    let mut out = std::io::stdout().lock();
     for path in &files {
         let start = Instant::now();
         let result = preprocess::load_input(path, model.input.width, model.input.height)
@@ -44,37 +45,38 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             Ok(probs) => {
                 let (i, confidence) = top1(&probs);
                 let label = &model.labels[i];
-                if args.json {
+                let line = if args.json {
                     let probabilities: serde_json::Map<String, serde_json::Value> = model
                         .labels
                         .iter()
                         .zip(&probs)
                         .map(|(l, p)| (l.clone(), serde_json::json!(p)))
                         .collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "path": path.display().to_string(),
-                            "label": label,
-                            "confidence": confidence,
-                            "probabilities": probabilities,
-                            "latency_ms": latency_ms,
-                        })
-                    );
+                    serde_json::json!({
+                        "path": path.display().to_string(),
+                        "label": label,
+                        "confidence": confidence,
+                        "probabilities": probabilities,
+                        "latency_ms": latency_ms,
+                    })
+                    .to_string()
                 } else {
-                    println!(
+                    format!(
                         "{}\t{label}\t{confidence:.4}\t{latency_ms:.1} ms",
                         path.display()
-                    );
+                    )
+                };
+                if !emit(&mut out, &line)? {
+                    return Ok(ExitCode::SUCCESS);
                 }
             }
             Err(e) => {
                 failed += 1;
                 if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"path": path.display().to_string(), "error": e})
-                    );
+                    let line = serde_json::json!({"path": path.display().to_string(), "error": e});
+                    if !emit(&mut out, &line.to_string())? {
+                        return Ok(ExitCode::SUCCESS);
+                    }
                 } else {
                     eprintln!("{}: cannot classify: {e}", path.display());
                 }
@@ -89,4 +91,14 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes one result line. `false` when the reader went away (`classify ... | head`): the
+/// run stops quietly, as other command-line tools do.
+fn emit(out: &mut impl std::io::Write, line: &str) -> anyhow::Result<bool> {
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
