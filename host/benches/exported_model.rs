@@ -43,6 +43,7 @@ fn exported_model(c: &mut Criterion) {
         resize: metadata::RESIZE_BILINEAR_AA.into(),
         mean: 127.0,
         std: 128.0,
+        mirror_average: false,
     };
     let meta = vec![
         (metadata::LABELS.to_owned(), r#"["cat","dog"]"#.to_owned()),
@@ -73,7 +74,7 @@ fn exported_model(c: &mut Criterion) {
         QuantizeForm::Int8,
     ] {
         let path = dir.path().join(format!("{}.onnx", form.name()));
-        let proto = onnx::build_model(&net, &head, form, Some(&cal), &meta).unwrap();
+        let proto = onnx::build_model(&net, &head, form, Some(&cal), &meta, false).unwrap();
         let bytes = onnx::write_model(&proto, &path).unwrap();
         eprintln!("{}: {bytes} bytes", form.name());
         let model = ExportedModel::load(&path).unwrap();

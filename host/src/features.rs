@@ -199,18 +199,26 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// An augmented view of a photo (see [`crate::augment`]).
+/// Another view of a photo than the photo resized to the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct View {
-    pub policy: augment::Policy,
-    pub index: u32,
+pub enum View {
+    /// The augmented view `index` drawn by `policy` (see [`crate::augment`]).
+    Augmented { policy: augment::Policy, index: u32 },
+    /// The photo resized to the input, then flipped left to right: the second half of what a
+    /// mirror-averaging model computes.
+    Mirror,
 }
 
 impl View {
     /// The cache key of this view of the photo with content hash `sha`.
     fn key(&self, sha: &str) -> String {
-        let tag = sha256_hex(format!("{}/{}", self.policy.kind(), self.policy.seed).as_bytes());
-        format!("{sha}-{}-{}", &tag[..12], self.index)
+        match self {
+            View::Augmented { policy, index } => {
+                let tag = sha256_hex(format!("{}/{}", policy.kind(), policy.seed).as_bytes());
+                format!("{sha}-{}-{index}", &tag[..12])
+            }
+            View::Mirror => format!("{sha}-mirror"),
+        }
     }
 }
 
@@ -251,7 +259,7 @@ pub fn extract_augmented(
         .collect();
     let which: Vec<Option<View>> = samples
         .iter()
-        .flat_map(|_| (0..views).map(|index| Some(View { policy, index })))
+        .flat_map(|_| (0..views).map(|index| Some(View::Augmented { policy, index })))
         .collect();
     extract_views(
         backbone,
@@ -294,10 +302,16 @@ fn load(
     size: u32,
 ) -> Result<image::RgbImage, String> {
     match (view, sha) {
-        (Some(v), Some(sha)) => {
+        (Some(View::Augmented { policy, index }), Some(sha)) => {
             let img = dataset::load_rgb(&sample.path).map_err(|e| e.to_string())?;
-            let p = augment::ViewParams::draw(v.policy, sha, v.index, img.width(), img.height());
+            let p = augment::ViewParams::draw(policy, sha, index, img.width(), img.height());
             Ok(augment::apply(&img, &p, size))
+        }
+        (Some(View::Mirror), _) => {
+            let mut img =
+                dataset::load_input(&sample.path, size, size).map_err(|e| e.to_string())?;
+            image::imageops::flip_horizontal_in_place(&mut img);
+            Ok(img)
         }
         _ => dataset::load_input(&sample.path, size, size).map_err(|e| e.to_string()),
     }

@@ -68,6 +68,7 @@ fn fixture() -> Option<Fixture> {
         resize: metadata::RESIZE_BILINEAR_AA.into(),
         mean: backbone.normalization.mean,
         std: backbone.normalization.std,
+        mirror_average: false,
     };
     let meta = vec![
         (metadata::LABELS.into(), r#"["cat","dog"]"#.into()),
@@ -127,7 +128,8 @@ fn every_form_round_trips_through_export_and_tract() {
     let Some(f) = fixture() else { return };
     let cal = calibration(&f);
     let build = |form| {
-        let proto = onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta).unwrap();
+        let proto =
+            onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta, false).unwrap();
         let bytes = {
             use prost::Message;
             proto.encoded_len()
@@ -197,12 +199,21 @@ fn a_model_with_a_zeroed_scale_is_refused_by_verification() {
     let Some(f) = fixture() else { return };
     let cal = calibration(&f);
     let float = load(
-        &onnx::build_model(&f.backbone, &f.head, QuantizeForm::None, None, &f.meta).unwrap(),
+        &onnx::build_model(
+            &f.backbone,
+            &f.head,
+            QuantizeForm::None,
+            None,
+            &f.meta,
+            false,
+        )
+        .unwrap(),
         "float",
     );
     let img = dataset::load_input(&f.val.paths[0], 224, 224).unwrap();
     for form in [QuantizeForm::Int8Weights, QuantizeForm::Int8] {
-        let mut proto = onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta).unwrap();
+        let mut proto =
+            onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta, false).unwrap();
         // The intact model passes.
         let good = load(&proto, form.name());
         let v =
@@ -237,5 +248,50 @@ fn a_model_with_a_zeroed_scale_is_refused_by_verification() {
             }
             other => panic!("{form:?}: broken model not refused: {other:?}"),
         }
+    }
+}
+
+#[test]
+fn a_mirror_averaging_model_is_the_mean_of_the_photo_and_its_mirror() {
+    let Some(f) = fixture() else { return };
+    let cal = calibration(&f);
+    let img = dataset::load_input(&f.val.paths[0], 224, 224).unwrap();
+    let mut flipped = img.clone();
+    image::imageops::flip_horizontal_in_place(&mut flipped);
+    for form in [
+        QuantizeForm::None,
+        QuantizeForm::Int8Weights,
+        QuantizeForm::Int8,
+    ] {
+        let build = |mirror| {
+            let proto =
+                onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta, mirror).unwrap();
+            load(&proto, form.name())
+        };
+        let (plain, mirrored) = (build(false), build(true));
+        // The mirror pass reuses the weights: the file grows by its nodes only.
+        assert!(
+            mirrored.bytes < plain.bytes + plain.bytes / 100,
+            "{form:?}: {} bytes against {}",
+            mirrored.bytes,
+            plain.bytes
+        );
+        let a = plain.predict(&img).unwrap();
+        let b = plain.predict(&flipped).unwrap();
+        let m = mirrored.predict(&img).unwrap();
+        assert_eq!(m.len(), 2);
+        // The photo and its mirror give different probabilities, so a graph that ignored
+        // either half would fail this. (The int8 form's quantized logits may round both to the
+        // same step.)
+        if form != QuantizeForm::Int8 {
+            assert!((a[0] - b[0]).abs() > 1e-4, "{form:?}: {a:?} {b:?}");
+        }
+        for c in 0..2 {
+            let mean = (a[c] + b[c]) / 2.0;
+            assert!((m[c] - mean).abs() < 1e-5, "{form:?}: {m:?} against {mean}");
+        }
+        // Mirroring a mirror-averaging model's input changes nothing.
+        let mf = mirrored.predict(&flipped).unwrap();
+        assert!((mf[0] - m[0]).abs() < 1e-5, "{form:?}: {mf:?} {m:?}");
     }
 }

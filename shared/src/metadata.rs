@@ -49,6 +49,14 @@ pub struct InputSpec {
     /// `x = (pixel - mean) / std`, applied inside the graph.
     pub mean: f32,
     pub std: f32,
+    /// The graph averages the probabilities of the frame and of its mirror image (twice the
+    /// work of one inference). Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mirror_average: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -71,6 +71,24 @@ fn fine_tunes_the_top_blocks_and_exports_them() {
     assert_eq!(inspect["backbone"]["fine_tuned_blocks"], 2);
     assert_eq!(inspect["self_test"]["passed"], true, "{inspect}");
 
+    // --mirror-average: the graph averages each photo with its mirror image; candle does the
+    // same with the fine-tuned blocks on the mirrored validation photos, and the two agree.
+    let out = train(
+        "mirror",
+        &["--unfreeze", "2", "--epochs", "1", "--mirror-average"],
+    );
+    let r = report(&out);
+    assert_eq!(r["export"]["mirror_average"], true);
+    assert!(r["export"]["float_max_probability_diff"].as_f64().unwrap() < 1e-3);
+    assert!(r["export"]["float_agreement"].as_f64().unwrap() >= 0.995);
+    let mut cmd = Command::new(binary("petcam"));
+    cmd.arg("inspect").arg(out.join("model.onnx")).arg("--json");
+    let inspect = run(&mut cmd);
+    assert!(inspect.status.success());
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(inspect["input"]["mirror_average"], true);
+    assert_eq!(inspect["self_test"]["passed"], true, "{inspect}");
+
     // --train-bn: BatchNorm in training mode, folded back into the convolutions on export.
     // Each cut has its own cache, so the inputs of block 15 are computed afresh.
     let out = train(

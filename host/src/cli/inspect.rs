@@ -60,6 +60,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "input         {} {}x{}x{} {} {}, resize {}, (x - {}) / {} inside the graph",
             i.name, i.height, i.width, i.channels, i.dtype, i.layout, i.resize, i.mean, i.std
         );
+        if i.mirror_average {
+            println!("mirror        each frame and its mirror image, probabilities averaged");
+        }
         for (label, key) in [
             ("backbone", metadata::BACKBONE),
             ("quantization", metadata::QUANTIZATION),

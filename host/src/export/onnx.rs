@@ -3,7 +3,10 @@
 //! The graph takes the camera's RGB bytes as they are (`image`: u8 `[1, H, W, 3]`); the cast,
 //! normalisation and NHWC to NCHW transpose are its first nodes, so no device can feed it
 //! differently normalised input. The output is `probabilities` (softmax inside the graph).
+//! With mirror averaging the graph also flips the image left to right, runs it through the same
+//! weights and averages both probabilities: one input, one output, as without it.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use prost::Message;
@@ -46,6 +49,10 @@ struct GraphBuilder {
     initializers: Vec<TensorProto>,
     counter: usize,
     form: QuantizeForm,
+    /// Tensors already in the graph, by what they hold (prefix, type, dims, bytes): a second
+    /// pass over the backbone (the mirror image) reuses the first pass's weights, so the file
+    /// holds them once.
+    known: HashMap<(String, i32, Vec<i64>, Vec<u8>), String>,
 }
 
 fn attr_int(name: &str, i: i64) -> AttributeProto {
@@ -94,51 +101,48 @@ impl GraphBuilder {
         format!("{prefix}_{}", self.counter)
     }
 
-    fn constant_f32(&mut self, prefix: &str, dims: &[usize], values: &[f32]) -> String {
+    /// An initializer, or the name of an identical one already in the graph.
+    fn initializer(
+        &mut self,
+        prefix: &str,
+        data_type: DataType,
+        dims: &[usize],
+        raw: Vec<u8>,
+    ) -> String {
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let key = (prefix.to_owned(), data_type as i32, dims, raw);
+        if let Some(name) = self.known.get(&key) {
+            return name.clone();
+        }
         let name = self.fresh(prefix);
         self.initializers.push(TensorProto {
             name: name.clone(),
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: DataType::Float as i32,
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            dims: key.2.clone(),
+            data_type: data_type as i32,
+            raw_data: key.3.clone(),
             ..Default::default()
         });
+        self.known.insert(key, name.clone());
         name
+    }
+
+    fn constant_f32(&mut self, prefix: &str, dims: &[usize], values: &[f32]) -> String {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(prefix, DataType::Float, dims, raw)
     }
 
     fn constant_i8(&mut self, prefix: &str, dims: &[usize], values: &[i8]) -> String {
-        let name = self.fresh(prefix);
-        self.initializers.push(TensorProto {
-            name: name.clone(),
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: DataType::Int8 as i32,
-            raw_data: values.iter().map(|&v| v as u8).collect(),
-            ..Default::default()
-        });
-        name
+        let raw = values.iter().map(|&v| v as u8).collect();
+        self.initializer(prefix, DataType::Int8, dims, raw)
     }
 
     fn constant_u8(&mut self, prefix: &str, value: u8) -> String {
-        let name = self.fresh(prefix);
-        self.initializers.push(TensorProto {
-            name: name.clone(),
-            data_type: DataType::Uint8 as i32,
-            raw_data: vec![value],
-            ..Default::default()
-        });
-        name
+        self.initializer(prefix, DataType::Uint8, &[], vec![value])
     }
 
     fn constant_i32(&mut self, prefix: &str, values: &[i32]) -> String {
-        let name = self.fresh(prefix);
-        self.initializers.push(TensorProto {
-            name: name.clone(),
-            dims: vec![values.len() as i64],
-            data_type: DataType::Int32 as i32,
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
-        name
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(prefix, DataType::Int32, &[values.len()], raw)
     }
 
     /// A weight tensor whose first dimension is the output channel, stored as the export's
@@ -147,17 +151,29 @@ impl GraphBuilder {
         match self.form {
             QuantizeForm::None => self.constant_f32(prefix, dims, values),
             QuantizeForm::Int8Weights | QuantizeForm::Int8 => {
+                // One DequantizeLinear per weight, whichever pass asks for it.
+                let key = (
+                    format!("{prefix}_dequantized"),
+                    DataType::Float as i32,
+                    dims.iter().map(|&d| d as i64).collect(),
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                );
+                if let Some(name) = self.known.get(&key) {
+                    return name.clone();
+                }
                 let (q, scales) = per_channel_int8(values, dims[0]);
                 let q = self.constant_i8(&format!("{prefix}_int8"), dims, &q);
                 let scale = self.constant_f32(&format!("{prefix}_scale"), &[dims[0]], &scales);
                 let zero =
                     self.constant_i8(&format!("{prefix}_zero"), &[dims[0]], &vec![0; dims[0]]);
-                self.node(
+                let name = self.node(
                     "DequantizeLinear",
                     &[&q, &scale, &zero],
                     vec![attr_int("axis", 0)],
                     None,
-                )
+                );
+                self.known.insert(key, name.clone());
+                name
             }
         }
     }
@@ -318,6 +334,7 @@ impl GraphBuilder {
 /// maps bytes onto an exact u8 affine form, from the image bytes themselves.
 fn int8_body(
     g: &mut GraphBuilder,
+    image: &str,
     backbone: &Backbone,
     head: &HeadWeights,
     cal: &Calibration,
@@ -329,7 +346,7 @@ fn int8_body(
         let (scale_name, zero_name) = g.affine("input", 1.0 / n.std, n.mean as u8);
         let name = g.node(
             "Transpose",
-            &[INPUT_NAME],
+            &[image],
             vec![attr_ints("perm", &[0, 3, 1, 2])],
             None,
         );
@@ -340,7 +357,7 @@ fn int8_body(
             zero_name,
         }
     } else {
-        let f = float_input(g, backbone);
+        let f = float_input(g, image, backbone);
         let range = ((0.0 - n.mean) / n.std, (255.0 - n.mean) / n.std);
         g.quantize(&f, range, "input")
     };
@@ -420,10 +437,10 @@ fn int8_body(
 }
 
 /// u8 NHWC image to normalised float NCHW: Cast, Sub, Div, Transpose.
-fn float_input(g: &mut GraphBuilder, backbone: &Backbone) -> String {
+fn float_input(g: &mut GraphBuilder, image: &str, backbone: &Backbone) -> String {
     let x = g.node(
         "Cast",
-        &[INPUT_NAME],
+        &[image],
         vec![attr_int("to", DataType::Float as i64)],
         None,
     );
@@ -442,10 +459,11 @@ fn float_input(g: &mut GraphBuilder, backbone: &Backbone) -> String {
 /// The float (or int8-weight) graph body, from the image to the logits.
 fn float_body(
     g: &mut GraphBuilder,
+    image: &str,
     backbone: &Backbone,
     head: &HeadWeights,
 ) -> Result<String, OnnxError> {
-    let mut x = float_input(g, backbone);
+    let mut x = float_input(g, image, backbone);
     x = g.conv(&x, &backbone.stem, "stem")?;
     for (i, block) in backbone.blocks.iter().enumerate() {
         let input = x.clone();
@@ -472,13 +490,15 @@ fn float_body(
 
 /// The complete model: graph plus `metadata_props` (key, value) in the given order, with its
 /// weights stored as `form` says. `--quantize int8` needs the activation ranges of
-/// `calibration`.
+/// `calibration`. With `mirror_average` the output is the mean of the probabilities of the
+/// image and of its mirror image.
 pub fn build_model(
     backbone: &Backbone,
     head: &HeadWeights,
     form: QuantizeForm,
     calibration: Option<&Calibration>,
     metadata: &[(String, String)],
+    mirror_average: bool,
 ) -> Result<ModelProto, OnnxError> {
     if head.features != backbone.feature_dim() {
         return Err(OnnxError::HeadMismatch {
@@ -492,23 +512,54 @@ pub fn build_model(
         initializers: Vec::new(),
         counter: 0,
         form,
+        known: HashMap::new(),
     };
 
-    let logits = match form {
+    let body = |g: &mut GraphBuilder, image: &str| match form {
         QuantizeForm::Int8 => int8_body(
-            &mut g,
+            g,
+            image,
             backbone,
             head,
             calibration.ok_or(OnnxError::NoCalibration)?,
-        )?,
-        QuantizeForm::None | QuantizeForm::Int8Weights => float_body(&mut g, backbone, head)?,
+        ),
+        QuantizeForm::None | QuantizeForm::Int8Weights => float_body(g, image, backbone, head),
     };
-    g.node(
-        "Softmax",
-        &[&logits],
-        vec![attr_int("axis", 1)],
-        Some(OUTPUT_NAME),
-    );
+    let logits = body(&mut g, INPUT_NAME)?;
+    if mirror_average {
+        // The mirror image is a Gather of the columns in reverse order, on the bytes, so it is
+        // exactly the flipped frame. It runs through a second pass of batch 1 over the same
+        // weights (tract runs a batch of two through 1x1 convolutions 4x slower, not 2x).
+        let columns: Vec<i32> = (0..size as i32).rev().collect();
+        let columns = g.constant_i32("mirror_columns", &columns);
+        let mirrored = g.node(
+            "Gather",
+            &[INPUT_NAME, &columns],
+            vec![attr_int("axis", 2)],
+            None,
+        );
+        let mirror_logits = body(&mut g, &mirrored)?;
+        let both = g.node(
+            "Concat",
+            &[&logits, &mirror_logits],
+            vec![attr_int("axis", 0)],
+            None,
+        );
+        let p = g.node("Softmax", &[&both], vec![attr_int("axis", 1)], None);
+        g.node(
+            "ReduceMean",
+            &[&p],
+            vec![attr_ints("axes", &[0]), attr_int("keepdims", 1)],
+            Some(OUTPUT_NAME),
+        );
+    } else {
+        g.node(
+            "Softmax",
+            &[&logits],
+            vec![attr_int("axis", 1)],
+            Some(OUTPUT_NAME),
+        );
+    }
 
     let graph = GraphProto {
         name: format!("petcam-{}", backbone.name),

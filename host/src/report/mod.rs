@@ -225,6 +225,9 @@ pub struct ExportInfo {
     pub model_bytes: u64,
     /// ONNX opset.
     pub opset: i64,
+    /// The model averages each frame's probabilities with its mirror image's.
+    #[serde(default)]
+    pub mirror_average: bool,
     /// Validation photos the models classified.
     pub verify_images: usize,
     /// Accuracy of the trainer (candle) on those photos, 0..=1.
@@ -1040,6 +1043,12 @@ fn write_markdown(out: &mut String, report: &Report, shown: usize) -> fmt::Resul
             writeln!(out, "| model | {} |", cell(&export.model))?;
             writeln!(out, "| size | {:.1} MB |", export.model_bytes as f64 / 1e6)?;
             writeln!(out, "| ONNX opset | {} |", export.opset)?;
+            if export.mirror_average {
+                writeln!(
+                    out,
+                    "| mirror averaging | each frame and its mirror image, probabilities averaged |"
+                )?;
+            }
             writeln!(out, "| photos verified | {} |", export.verify_images)?;
             writeln!(out, "| candle accuracy | {} |", pct(export.candle_accuracy))?;
             writeln!(
@@ -1226,6 +1235,7 @@ dog            0    1
                 model: "out/model.onnx".into(),
                 model_bytes: 3_670_000,
                 opset: 13,
+                mirror_average: false,
                 verify_images: 40,
                 candle_accuracy: 0.85,
                 onnx_accuracy: 0.85,
