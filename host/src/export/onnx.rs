@@ -53,6 +53,8 @@ struct GraphBuilder {
     /// pass over the backbone (the mirror image) reuses the first pass's weights, so the file
     /// holds them once.
     known: HashMap<(String, i32, Vec<i64>, Vec<u8>), String>,
+    /// DequantizeLinear outputs by their (shared) inputs: weight, scale, zero point.
+    dequantized: HashMap<[String; 3], String>,
 }
 
 fn attr_int(name: &str, i: i64) -> AttributeProto {
@@ -151,28 +153,24 @@ impl GraphBuilder {
         match self.form {
             QuantizeForm::None => self.constant_f32(prefix, dims, values),
             QuantizeForm::Int8Weights | QuantizeForm::Int8 => {
-                // One DequantizeLinear per weight, whichever pass asks for it.
-                let key = (
-                    format!("{prefix}_dequantized"),
-                    DataType::Float as i32,
-                    dims.iter().map(|&d| d as i64).collect(),
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                );
-                if let Some(name) = self.known.get(&key) {
-                    return name.clone();
-                }
                 let (q, scales) = per_channel_int8(values, dims[0]);
                 let q = self.constant_i8(&format!("{prefix}_int8"), dims, &q);
                 let scale = self.constant_f32(&format!("{prefix}_scale"), &[dims[0]], &scales);
                 let zero =
                     self.constant_i8(&format!("{prefix}_zero"), &[dims[0]], &vec![0; dims[0]]);
+                // Its inputs are shared by content, so they name the weight: one
+                // DequantizeLinear per weight, whichever pass asks for it.
+                let inputs = [q, scale, zero];
+                if let Some(name) = self.dequantized.get(&inputs) {
+                    return name.clone();
+                }
                 let name = self.node(
                     "DequantizeLinear",
-                    &[&q, &scale, &zero],
+                    &[&inputs[0], &inputs[1], &inputs[2]],
                     vec![attr_int("axis", 0)],
                     None,
                 );
-                self.known.insert(key, name.clone());
+                self.dequantized.insert(inputs, name.clone());
                 name
             }
         }
@@ -513,6 +511,7 @@ pub fn build_model(
         counter: 0,
         form,
         known: HashMap::new(),
+        dequantized: HashMap::new(),
     };
 
     let body = |g: &mut GraphBuilder, image: &str| match form {
