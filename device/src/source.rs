@@ -1,5 +1,6 @@
 //! Where frames come from: `dir:PATH` (images in name order), `mjpeg:FILE` (concatenated JPEG
-//! frames, as a camera streams them), and `camera:/dev/videoN` (a V4L2 camera, in [`camera`],
+//! frames, as a camera streams them; read as they arrive from `-` or a FIFO), and
+//! `camera:/dev/videoN` (a V4L2 camera, in [`camera`],
 //! delivering MJPEG or YUYV frames).
 
 use std::path::{Path, PathBuf};
@@ -39,7 +40,7 @@ impl FrameData {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("unknown source {0:?}: use dir:PATH, mjpeg:FILE or camera:/dev/videoN")]
+    #[error("unknown source {0:?}: use dir:PATH, mjpeg:FILE (or mjpeg:- for stdin) or camera:/dev/videoN")]
     Unknown(String),
     #[error("cannot read {path}: {source}")]
     Io {
@@ -120,17 +121,19 @@ pub fn image_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
 
 /// Splits a stream of concatenated JPEG frames into frames (SOI to EOI). Markers are walked
 /// segment by segment, so an EXIF thumbnail (a JPEG inside a frame) does not end the frame
-/// early. Bytes between frames are skipped; a frame cut off at the end is dropped.
+/// early. Bytes between frames and frames with a broken marker are skipped; a frame cut off at
+/// the end is dropped.
 pub fn split_jpeg_frames(data: &[u8]) -> Vec<&[u8]> {
     let mut frames = Vec::new();
     let mut i = 0;
     while let Some(start) = find_soi(data, i) {
         match jpeg_end(data, start) {
-            Some(end) => {
+            Ok(end) => {
                 frames.push(&data[start..end]);
                 i = end;
             }
-            None => break,
+            Err(JpegEnd::Corrupt) => i = start + 2,
+            Err(JpegEnd::Incomplete) => break,
         }
     }
     frames
@@ -143,31 +146,40 @@ fn find_soi(data: &[u8], from: usize) -> Option<usize> {
         .map(|p| from + p)
 }
 
+/// Why no frame end was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JpegEnd {
+    /// The bytes stop before the frame does: a stream waits for more.
+    Incomplete,
+    /// A byte where a marker must be: the frame is broken and is skipped.
+    Corrupt,
+}
+
 /// The index just past the EOI of the JPEG starting at `start`.
-fn jpeg_end(data: &[u8], start: usize) -> Option<usize> {
+fn jpeg_end(data: &[u8], start: usize) -> Result<usize, JpegEnd> {
+    let at = |j: usize| data.get(j).copied().ok_or(JpegEnd::Incomplete);
     let mut j = start + 2;
     loop {
         // Fill bytes (0xFF repeated) may precede a marker.
-        while data.get(j) == Some(&0xFF) && data.get(j + 1) == Some(&0xFF) {
+        while at(j)? == 0xFF && at(j + 1)? == 0xFF {
             j += 1;
         }
-        if *data.get(j)? != 0xFF {
-            return None;
+        if at(j)? != 0xFF {
+            return Err(JpegEnd::Corrupt);
         }
-        let marker = *data.get(j + 1)?;
+        let marker = at(j + 1)?;
         match marker {
-            0xD9 => return Some(j + 2),
+            0xD9 => return Ok(j + 2),
             0x01 | 0xD0..=0xD7 => j += 2,
             _ => {
-                let len = u16::from_be_bytes([*data.get(j + 2)?, *data.get(j + 3)?]) as usize;
+                let len = u16::from_be_bytes([at(j + 2)?, at(j + 3)?]) as usize;
                 j += 2 + len;
                 if marker == 0xDA {
                     // Entropy-coded data: runs to the next marker that is not a stuffed 0xFF00
                     // or a restart marker.
                     loop {
-                        let b = *data.get(j)?;
-                        if b == 0xFF {
-                            let next = *data.get(j + 1)?;
+                        if at(j)? == 0xFF {
+                            let next = at(j + 1)?;
                             if next != 0x00 && !(0xD0..=0xD7).contains(&next) {
                                 break;
                             }
@@ -180,6 +192,131 @@ fn jpeg_end(data: &[u8], start: usize) -> Option<usize> {
             }
         }
     }
+}
+
+/// The largest JPEG frame a stream may hold: a buffer that grows past it without a frame end
+/// is dropped, so a stream of garbage never grows memory without bound.
+pub const MAX_STREAM_FRAME: usize = 16 << 20;
+
+/// MJPEG frames read from a pipe, a FIFO or stdin as the bytes arrive (`mjpeg:-`, or
+/// `mjpeg:PATH` on a FIFO): ffmpeg, GStreamer or `rpicam-vid --codec mjpeg` can feed it. Frames
+/// stay undecoded until inference takes them. Ends when the writer closes its end.
+#[derive(Debug)]
+pub struct StreamSource<R> {
+    reader: R,
+    name: String,
+    buf: Vec<u8>,
+    /// Where the scan for the next frame starts in `buf`.
+    scan: usize,
+    max_frame: usize,
+    frame: u64,
+    ended: bool,
+}
+
+impl<R: std::io::Read> StreamSource<R> {
+    pub fn new(reader: R, name: impl Into<String>) -> Self {
+        Self::with_limit(reader, name, MAX_STREAM_FRAME)
+    }
+
+    /// A stream whose frames may be at most `max_frame` bytes.
+    pub fn with_limit(reader: R, name: impl Into<String>, max_frame: usize) -> Self {
+        Self {
+            reader,
+            name: name.into(),
+            buf: Vec::new(),
+            scan: 0,
+            max_frame,
+            frame: 0,
+            ended: false,
+        }
+    }
+
+    fn item(&mut self, data: FrameData) -> (String, FrameData) {
+        let name = format!("frame {}", self.frame);
+        self.frame += 1;
+        (name, data)
+    }
+
+    /// A complete frame at the front of the buffer, or `None` when more bytes are needed.
+    fn take_frame(&mut self) -> Option<Result<Vec<u8>, String>> {
+        loop {
+            let Some(start) = find_soi(&self.buf, self.scan) else {
+                // Keep a trailing 0xFF: it may be the first half of the next SOI.
+                let keep = usize::from(self.buf.last() == Some(&0xFF));
+                self.buf.drain(..self.buf.len() - keep);
+                self.scan = 0;
+                return None;
+            };
+            self.buf.drain(..start);
+            self.scan = 0;
+            match jpeg_end(&self.buf, 0) {
+                Ok(end) => return Some(Ok(self.buf.drain(..end).collect())),
+                Err(JpegEnd::Corrupt) => self.scan = 2,
+                Err(JpegEnd::Incomplete) if self.buf.len() > self.max_frame => {
+                    let dropped = self.buf.len();
+                    self.scan = 2;
+                    return Some(Err(format!(
+                        "{}: no end of frame within {dropped} bytes (more than {} bytes \
+                         allowed); skipped to the next frame start",
+                        self.name, self.max_frame
+                    )));
+                }
+                Err(JpegEnd::Incomplete) => return None,
+            }
+        }
+    }
+}
+
+impl<R: std::io::Read> Iterator for StreamSource<R> {
+    /// The frame's name (`frame N`) and its undecoded JPEG bytes.
+    type Item = (String, FrameData);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match self.take_frame() {
+                Some(Ok(data)) => {
+                    return Some(self.item(FrameData::Camera {
+                        format: PixelFormat::Mjpeg,
+                        width: 0,
+                        height: 0,
+                        data,
+                    }))
+                }
+                Some(Err(e)) => {
+                    return Some(self.item(FrameData::Image(Err(PhotoError::CameraFrame(e)))))
+                }
+                None if self.ended => return None,
+                None => {}
+            }
+            match self.reader.read(&mut chunk) {
+                Ok(0) => {
+                    // What is left is a frame cut off by the writer: dropped, as in a file.
+                    self.ended = true;
+                    self.buf.clear();
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.ended = true;
+                    self.buf.clear();
+                    let msg = format!("cannot read {}: {e}", self.name);
+                    return Some(self.item(FrameData::Image(Err(PhotoError::CameraFrame(msg)))));
+                }
+            }
+        }
+    }
+}
+
+/// Whether `mjpeg:PATH` names a stream (stdin as `-`, a FIFO, a socket or a character device)
+/// rather than a file that can be read whole and looped.
+pub fn is_stream(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    path == Path::new("-")
+        || std::fs::metadata(path).is_ok_and(|m| {
+            let t = m.file_type();
+            t.is_fifo() || t.is_socket() || t.is_char_device()
+        })
 }
 
 /// The pixel formats petcam asks a camera for, in order of preference: MJPEG costs the USB bus
@@ -430,6 +567,115 @@ mod tests {
         let img = preprocess::decode_rgb(split[1]).unwrap();
         let p = img.get_pixel(16, 12);
         assert!(p[1] > 150 && p[0] < 60 && p[2] < 60, "{p:?}");
+    }
+
+    /// A reader that hands out its bytes in chunks of the given sizes, in turn, as a pipe does.
+    struct Chunked {
+        data: Vec<u8>,
+        pos: usize,
+        sizes: Vec<usize>,
+        turn: usize,
+    }
+
+    impl std::io::Read for Chunked {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let size = self.sizes[self.turn % self.sizes.len()].min(out.len());
+            self.turn += 1;
+            let n = size.min(self.data.len() - self.pos);
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    fn stream_frames(source: StreamSource<Chunked>) -> Vec<Result<Vec<u8>, String>> {
+        source
+            .map(|(_, f)| match f {
+                FrameData::Camera { format, data, .. } => {
+                    assert_eq!(format, PixelFormat::Mjpeg);
+                    Ok(data)
+                }
+                FrameData::Image(img) => Err(img.unwrap_err().to_string()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_piped_mjpeg_stream_yields_frames_as_they_arrive_in_any_chunking() {
+        let frames = [
+            jpeg(32, 24, [200, 10, 10]),
+            jpeg(32, 24, [10, 200, 10]),
+            jpeg(16, 8, [10, 10, 200]),
+        ];
+        // Junk before, between and after frames, a lone 0xFF, and a frame cut off at the end.
+        let mut stream = b"junk\xFF".to_vec();
+        for f in &frames {
+            stream.extend_from_slice(f);
+            stream.extend_from_slice(&[0xFF, 0, 0x12]);
+        }
+        stream.extend_from_slice(&frames[0][..frames[0].len() / 2]);
+        for sizes in [vec![1], vec![7, 3, 1000], vec![64 << 10], vec![2, 5000]] {
+            let reader = Chunked {
+                data: stream.clone(),
+                pos: 0,
+                sizes: sizes.clone(),
+                turn: 0,
+            };
+            let got = stream_frames(StreamSource::new(reader, "stdin"));
+            let want: Vec<Result<Vec<u8>, String>> = frames.iter().cloned().map(Ok).collect();
+            assert_eq!(got, want, "chunks {sizes:?}");
+        }
+    }
+
+    #[test]
+    fn a_piped_stream_first_frame_comes_before_the_writer_finishes() {
+        // The writer keeps its end open: the first frame must come out without waiting for EOF.
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        let frame = jpeg(16, 16, [0, 0, 255]);
+        use std::io::Write;
+        writer.write_all(&frame).unwrap();
+        let mut source = StreamSource::new(&mut reader, "fifo");
+        let (name, data) = source.next().unwrap();
+        assert_eq!(name, "frame 0");
+        let img = data.decode().unwrap();
+        assert_eq!(img.dimensions(), (16, 16));
+        drop(writer);
+        assert!(source.next().is_none());
+    }
+
+    #[test]
+    fn a_stream_of_garbage_stays_within_its_bound_and_recovers() {
+        // An SOI followed by endless entropy-coded bytes, then a good frame.
+        let good = jpeg(8, 8, [255, 255, 255]);
+        let mut stream = vec![0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02];
+        stream.extend(std::iter::repeat_n(0x55, 10_000));
+        stream.extend_from_slice(&good);
+        let reader = Chunked {
+            data: stream,
+            pos: 0,
+            sizes: vec![100],
+            turn: 0,
+        };
+        let source = StreamSource::with_limit(reader, "stdin", 4096);
+        let got = stream_frames(source);
+        assert_eq!(got.len(), 2, "{got:?}");
+        let err = got[0].as_ref().unwrap_err();
+        assert!(err.contains("stdin") && err.contains("4096"), "{err}");
+        assert_eq!(got[1].as_ref().unwrap(), &good);
+    }
+
+    #[test]
+    fn stdin_and_fifos_are_streams_and_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.mjpeg");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(!is_stream(&file));
+        assert!(is_stream(Path::new("-")));
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            assert!(is_stream(&fifo));
+        }
     }
 
     #[test]

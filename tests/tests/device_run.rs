@@ -225,6 +225,79 @@ fn the_device_reports_over_serial_waits_for_a_camera_and_stops_cleanly() {
         .iter()
         .any(|m| matches!(m, Message::Heartbeat(h) if h.frames == 0)));
     drop(slave);
+
+    mjpeg_from_stdin_is_read_frame_by_frame(&model, &photos);
+}
+
+/// `mjpeg:-`: JPEG frames written one by one into stdin, as ffmpeg or `rpicam-vid --codec
+/// mjpeg -o -` would. Decisions come while the writer still holds the pipe open, and the run
+/// ends by itself when the writer closes it.
+fn mjpeg_from_stdin_is_read_frame_by_frame(model: &Path, photos: &Path) {
+    use std::io::{BufRead, Write};
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for class in ["cat", "dog"] {
+        let mut files: Vec<_> = std::fs::read_dir(photos.join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        frames.extend(files.into_iter().map(|f| std::fs::read(f).unwrap()));
+    }
+    let mut child = Command::new(binary("petcam-device"))
+        .arg("run")
+        .arg("--model")
+        .arg(model)
+        .args(["--source", "mjpeg:-", "--threads", "1", "--smooth", "1"])
+        .args(["--threshold", "0.5", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            tx.send(line).unwrap();
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let (first, rest) = frames.split_at(frames.len() / 2);
+    for f in first {
+        stdin.write_all(f).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The pipe is still open: a decision must come anyway.
+    let decision = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no decision while the stream was open");
+    assert_eq!(decision["event"], "decision", "{decision}");
+    for f in rest {
+        stdin.write_all(f).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stdin);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = rx.try_iter().collect();
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    let (seen, dropped) = (
+        summary["frames"].as_u64().unwrap(),
+        summary["dropped"].as_u64().unwrap(),
+    );
+    // Every frame written was either classified or dropped for a busy model; none unreadable.
+    assert_eq!(seen + dropped, frames.len() as u64, "{summary}");
+    assert_eq!(summary["bad_frames"], 0, "{summary}");
 }
 
 #[test]

@@ -36,11 +36,13 @@ pub struct RunArgs {
     /// The exported model (required here or in the config).
     #[arg(long, value_name = "FILE")]
     model: Option<PathBuf>,
-    /// dir:PATH (images in name order), mjpeg:FILE (concatenated JPEG frames) or
-    /// camera:/dev/videoN (required here or in the config).
+    /// dir:PATH (images in name order), mjpeg:FILE (concatenated JPEG frames; `mjpeg:-` reads
+    /// stdin and a FIFO is read too, frame by frame as the bytes arrive, so ffmpeg or
+    /// `rpicam-vid --codec mjpeg -o -` can feed it) or camera:/dev/videoN (required here or in
+    /// the config).
     #[arg(long, value_name = "SRC")]
     source: Option<SourceSpec>,
-    /// Start again at the first file when a dir: or mjpeg: source ends.
+    /// Start again at the first file when a dir: or mjpeg: file ends (not for streams).
     #[arg(long = "loop")]
     #[serde(rename = "loop", default)]
     looping: bool,
@@ -343,7 +345,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let Some(spec) = args.source.clone() else {
         return usage_error(
-            "no source: pass --source dir:PATH|mjpeg:FILE|camera:/dev/videoN or set `source` \
+            "no source: pass --source dir:PATH|mjpeg:FILE|mjpeg:-|camera:/dev/videoN or set `source` \
              in the --config file",
         );
     };
@@ -417,10 +419,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let file_pace = fps.map_or(Pace::Wait, |f| {
         Pace::Every(Duration::from_secs_f64(1.0 / f))
     });
+    let mut stream_capture = false;
     let (queue, capture) = match &spec {
         SourceSpec::Dir(p) => {
             let frames = source::FileSource::dir(p, args.looping)?;
             agent::spawn_capture(frames, file_pace, stop.clone())
+        }
+        SourceSpec::Mjpeg(p) if source::is_stream(p) => {
+            if args.looping {
+                tracing::warn!("--loop: {} is a stream and plays once", p.display());
+            }
+            // A stream's frames come at the writer's rate, like a camera's.
+            stream_capture = true;
+            if p == Path::new("-") {
+                let frames = source::StreamSource::new(std::io::stdin(), "stdin");
+                agent::spawn_capture(frames, Pace::Live, stop.clone())
+            } else {
+                let file = std::fs::File::open(p)
+                    .map_err(|e| anyhow::anyhow!("cannot open the stream {}: {e}", p.display()))?;
+                let frames = source::StreamSource::new(file, p.display().to_string());
+                agent::spawn_capture(frames, Pace::Live, stop.clone())
+            }
         }
         SourceSpec::Mjpeg(p) => {
             let frames = source::FileSource::mjpeg(p, args.looping)?;
@@ -558,7 +577,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // The capture thread ends once it sees the stop flag or a closed queue.
     stop.store(true, Ordering::Relaxed);
     queue.close();
-    let _ = capture.join();
+    // A stream's capture thread may sit in a read that only the writer can end; it goes with
+    // the process.
+    if !stream_capture {
+        let _ = capture.join();
+    }
     done.store(true, Ordering::Relaxed);
     if let Some(h) = heartbeat {
         let _ = h.join();
