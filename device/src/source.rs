@@ -272,7 +272,7 @@ impl<R: std::io::Read> Iterator for StreamSource<R> {
     type Item = (String, FrameData);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let mut chunk = vec![0u8; 64 << 10];
+        const CHUNK: usize = 64 << 10;
         loop {
             match self.take_frame() {
                 Some(Ok(data)) => {
@@ -289,13 +289,18 @@ impl<R: std::io::Read> Iterator for StreamSource<R> {
                 None if self.ended => return None,
                 None => {}
             }
-            match self.reader.read(&mut chunk) {
+            // Read straight into the buffer's tail: no second copy of the bytes.
+            let filled = self.buf.len();
+            self.buf.resize(filled + CHUNK, 0);
+            let read = self.reader.read(&mut self.buf[filled..]);
+            self.buf.truncate(filled + *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => {
                     // What is left is a frame cut off by the writer: dropped, as in a file.
                     self.ended = true;
                     self.buf.clear();
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.ended = true;

@@ -431,15 +431,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             // A stream's frames come at the writer's rate, like a camera's.
             stream_capture = true;
-            if p == Path::new("-") {
-                let frames = source::StreamSource::new(std::io::stdin(), "stdin");
-                agent::spawn_capture(frames, Pace::Live, stop.clone())
+            let (reader, name): (Box<dyn std::io::Read + Send>, String) = if p == Path::new("-") {
+                (Box::new(std::io::stdin()), "stdin".into())
             } else {
                 let file = std::fs::File::open(p)
                     .map_err(|e| anyhow::anyhow!("cannot open the stream {}: {e}", p.display()))?;
-                let frames = source::StreamSource::new(file, p.display().to_string());
-                agent::spawn_capture(frames, Pace::Live, stop.clone())
-            }
+                (Box::new(file), p.display().to_string())
+            };
+            let frames = source::StreamSource::new(reader, name);
+            agent::spawn_capture(frames, Pace::Live, stop.clone())
         }
         SourceSpec::Mjpeg(p) => {
             let frames = source::FileSource::mjpeg(p, args.looping)?;
