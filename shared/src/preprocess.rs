@@ -292,6 +292,10 @@ pub struct RgbResizer {
     intermediate: Vec<u8>,
     /// One row of fixed-point sums for the vertical pass.
     acc: Vec<i32>,
+    /// [`RgbResizer::resize_rows_into`]: one source row, and the source rows the vertical pass
+    /// is reading (a ring of as many rows as the filter is long). Empty until first used.
+    row: Vec<u8>,
+    window: Vec<u8>,
 }
 
 impl RgbResizer {
@@ -346,6 +350,8 @@ impl RgbResizer {
             rows,
             intermediate,
             acc,
+            row: Vec::new(),
+            window: Vec::new(),
         })
     }
 
@@ -390,6 +396,100 @@ impl RgbResizer {
             }
         }
         Ok(())
+    }
+}
+
+impl RgbResizer {
+    /// Like [`RgbResizer::resize_into`], but the source is never a whole RGB image: `fill(y,
+    /// row)` writes source row `y` (`src_w * 3` bytes) when the resize needs it. A camera frame
+    /// in another pixel format is converted row by row on its way in, so no full-size RGB copy
+    /// exists; the output is byte for byte that of converting the whole frame first, since the
+    /// passes see the same rows.
+    ///
+    /// Rows are asked for in increasing order, each once.
+    ///
+    /// # Errors
+    /// A `dst` whose length does not match the destination size.
+    pub fn resize_rows_into(
+        &mut self,
+        mut fill: impl FnMut(usize, &mut [u8]),
+        dst: &mut [u8],
+    ) -> Result<(), ResizeError> {
+        check_len(ImageRole::Destination, self.dst_w, self.dst_h, dst.len())?;
+        let src_stride = self.src_w as usize * CHANNELS;
+        let dst_stride = self.dst_w as usize * CHANNELS;
+        self.row.resize(src_stride, 0);
+        match (&self.horizontal, &self.vertical) {
+            (None, None) => {
+                for (y, out) in dst.chunks_exact_mut(dst_stride).enumerate() {
+                    fill(y, out);
+                }
+            }
+            (Some(h), None) => {
+                for (y, out) in dst.chunks_exact_mut(dst_stride).enumerate() {
+                    fill(y, &mut self.row);
+                    horizontal_pass(h, &self.row, src_stride, out, dst_stride);
+                }
+            }
+            (None, Some(v)) => {
+                vertical_pass_rows(v, fill, dst, src_stride, &mut self.acc, &mut self.window);
+            }
+            (Some(h), Some(v)) if self.vertical_first => {
+                let mid = &mut self.intermediate;
+                vertical_pass_rows(v, fill, mid, src_stride, &mut self.acc, &mut self.window);
+                horizontal_pass(h, mid, src_stride, dst, dst_stride);
+            }
+            (Some(h), Some(v)) => {
+                let rows = self.intermediate.chunks_exact_mut(dst_stride);
+                for (y, out) in (self.first_row..).zip(rows) {
+                    fill(y, &mut self.row);
+                    horizontal_pass(h, &self.row, src_stride, out, dst_stride);
+                }
+                vertical_pass(
+                    v,
+                    self.first_row,
+                    &self.intermediate,
+                    dst,
+                    dst_stride,
+                    &mut self.acc,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`vertical_pass`] over rows that `fill` produces on demand. Output row `yy` reads source
+/// rows `start..start + len` and `start` never decreases, so a ring of `ksize` rows holds every
+/// row still needed: row `r` overwrites row `r - ksize`, which lies before the current window.
+fn vertical_pass_rows(
+    coeffs: &AxisCoeffs,
+    mut fill: impl FnMut(usize, &mut [u8]),
+    dst: &mut [u8],
+    stride: usize,
+    acc: &mut [i32],
+    window: &mut Vec<u8>,
+) {
+    let ksize = coeffs.ksize;
+    window.resize(ksize * stride, 0);
+    let acc = &mut acc[..stride];
+    let mut next = 0;
+    for (yy, dst_row) in dst.chunks_exact_mut(stride).enumerate() {
+        let (start, weights) = coeffs.taps(yy);
+        while next < start + weights.len() {
+            fill(next, &mut window[(next % ksize) * stride..][..stride]);
+            next += 1;
+        }
+        acc.fill(HALF);
+        for (i, &w) in weights.iter().enumerate() {
+            let src_row = &window[((start + i) % ksize) * stride..][..stride];
+            for (a, &p) in acc.iter_mut().zip(src_row) {
+                *a += i32::from(p) * w;
+            }
+        }
+        for (out, &a) in dst_row.iter_mut().zip(acc.iter()) {
+            *out = to_u8(a);
+        }
     }
 }
 
@@ -572,6 +672,37 @@ mod tests {
         }
         assert_eq!(resizer.src_size(), (64, 48));
         assert_eq!(resizer.dst_size(), (23, 31));
+    }
+
+    #[test]
+    fn rows_on_demand_match_the_whole_image() {
+        // Every pass order: both ways, x only, y only (both directions), identity, and a tall
+        // source that runs the vertical pass first.
+        let sizes = [
+            (64, 48, 23, 31),
+            (64, 48, 23, 48),
+            (64, 48, 64, 31),
+            (64, 48, 64, 90),
+            (64, 48, 64, 48),
+            (5, 16, 3, 4),
+            (600, 400, 224, 224),
+        ];
+        for (sw, sh, dw, dh) in sizes {
+            let src = noise(sw * sh * 3, (sw * dh) as u64);
+            let expected = resize_rgb(&src, sw as u32, sh as u32, dw as u32, dh as u32).unwrap();
+            let mut resizer = RgbResizer::new(sw as u32, sh as u32, dw as u32, dh as u32).unwrap();
+            let mut dst = vec![0; dw * dh * 3];
+            for _ in 0..2 {
+                let mut asked = Vec::new();
+                let fill = |y: usize, row: &mut [u8]| {
+                    asked.push(y);
+                    row.copy_from_slice(&src[y * sw * 3..][..sw * 3]);
+                };
+                resizer.resize_rows_into(fill, &mut dst).unwrap();
+                assert_eq!(dst, expected, "{sw}x{sh} -> {dw}x{dh}");
+                assert!(asked.windows(2).all(|p| p[0] < p[1]), "rows in order, once");
+            }
+        }
     }
 
     #[test]
