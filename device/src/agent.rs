@@ -15,7 +15,6 @@ use embedded_hal::digital::OutputPin;
 use crate::actuate::Actuator;
 use crate::decide::{Decider, Decision, Event};
 use crate::infer::{ExportedModel, Latency, ModelError};
-use crate::preprocess;
 use crate::source::FrameData;
 
 /// A bounded queue between the capture thread and inference.
@@ -150,6 +149,7 @@ pub struct RunStats {
     pub seconds: f64,
     pub fps: f64,
     pub infer: Latency,
+    /// Decoding a frame and resizing it to the model's input.
     pub preprocess: Latency,
 }
 
@@ -248,8 +248,9 @@ pub fn run_loop<P: OutputPin>(
                 });
             }
             let (w, h) = (model.input.width, model.input.height);
-            let img = match data.decode() {
-                Ok(img) => img,
+            let t = Instant::now();
+            let input = match data.into_input(w, h) {
+                Ok(input) => input,
                 Err(e) => {
                     bad += 1;
                     report(Report::BadFrame {
@@ -259,8 +260,6 @@ pub fn run_loop<P: OutputPin>(
                     continue;
                 }
             };
-            let t = Instant::now();
-            let input = preprocess::resize(&img, w, h);
             prep_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             let probs = model.predict(&input)?;

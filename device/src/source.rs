@@ -1,7 +1,8 @@
 //! Where frames come from: `dir:PATH` (images in name order), `mjpeg:FILE` (concatenated JPEG
 //! frames, as a camera streams them; read as they arrive from `-` or a FIFO), and
-//! `camera:/dev/videoN` (a V4L2 camera, in [`camera`],
-//! delivering MJPEG or YUYV frames).
+//! `camera:/dev/videoN` (a V4L2 camera, in [`camera`], delivering MJPEG or YUYV frames) and
+//! `rpicam:` (a Raspberry Pi Camera Module through `rpicam-vid`, in [`rpicam`], delivering
+//! I420).
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,10 @@ use image::RgbImage;
 use crate::preprocess::{self, PhotoError};
 
 pub mod camera;
+pub mod rpicam;
+pub mod yuv;
+
+pub use yuv::{I420Layout, YuvMatrix};
 
 /// A frame as the capture thread hands it over. Camera frames stay undecoded until inference
 /// takes them, so frames dropped because inference is busy cost no decoding.
@@ -36,11 +41,26 @@ impl FrameData {
             } => frame_to_rgb(format, &data, width, height),
         }
     }
+
+    /// The frame decoded and resized to the model's `width` x `height` with the shared resize.
+    /// An I420 frame is converted on its way into the resize, without a full-size RGB image.
+    pub fn into_input(self, width: u32, height: u32) -> Result<RgbImage, PhotoError> {
+        match self {
+            FrameData::Camera {
+                format: PixelFormat::I420(layout),
+                data,
+                ..
+            } => layout
+                .to_input(&data, width, height)
+                .map_err(|e| PhotoError::CameraFrame(e.to_string())),
+            other => Ok(preprocess::resize(&other.decode()?, width, height)),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("unknown source {0:?}: use dir:PATH, mjpeg:FILE (or mjpeg:- for stdin) or camera:/dev/videoN")]
+    #[error("unknown source {0:?}: use dir:PATH, mjpeg:FILE (or mjpeg:- for stdin), camera:/dev/videoN or rpicam: (rpicam:N for camera N)")]
     Unknown(String),
     #[error("cannot read {path}: {source}")]
     Io {
@@ -65,6 +85,8 @@ pub enum SourceSpec {
     Dir(PathBuf),
     Mjpeg(PathBuf),
     Camera(PathBuf),
+    /// A Camera Module through `rpicam-vid`; `rpicam:N` picks camera N.
+    Rpicam(Option<u32>),
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -74,6 +96,11 @@ impl std::str::FromStr for SourceSpec {
             Some(("dir", p)) if !p.is_empty() => Ok(Self::Dir(p.into())),
             Some(("mjpeg", p)) if !p.is_empty() => Ok(Self::Mjpeg(p.into())),
             Some(("camera", p)) if !p.is_empty() => Ok(Self::Camera(p.into())),
+            Some(("rpicam", "")) => Ok(Self::Rpicam(None)),
+            Some(("rpicam", n)) => n
+                .parse()
+                .map(|n| Self::Rpicam(Some(n)))
+                .map_err(|_| SourceError::Unknown(s.to_owned())),
             _ => Err(SourceError::Unknown(s.to_owned())),
         }
     }
@@ -324,15 +351,19 @@ pub fn is_stream(path: &Path) -> bool {
         })
 }
 
-/// The pixel formats petcam asks a camera for, in order of preference: MJPEG costs the USB bus
-/// a tenth of YUYV, so it is the one that reaches 30 fps at 640x480 on a Pi's shared bus.
+/// The pixel formats of camera frames. A V4L2 camera is asked for [`PixelFormat::PREFERRED`];
+/// `rpicam-vid` sends I420.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PixelFormat {
     Mjpeg,
     Yuyv,
+    /// Planar YUV 4:2:0 with padded rows, from `rpicam-vid --codec yuv420`.
+    I420(I420Layout),
 }
 
 impl PixelFormat {
+    /// What petcam asks a V4L2 camera for, in order of preference: MJPEG costs the USB bus a
+    /// tenth of YUYV, so it is the one that reaches 30 fps at 640x480 on a Pi's shared bus.
     pub const PREFERRED: [PixelFormat; 2] = [PixelFormat::Mjpeg, PixelFormat::Yuyv];
 
     /// The V4L2 four-character code.
@@ -340,6 +371,7 @@ impl PixelFormat {
         match self {
             PixelFormat::Mjpeg => *b"MJPG",
             PixelFormat::Yuyv => *b"YUYV",
+            PixelFormat::I420(_) => *b"YU12",
         }
     }
 
@@ -373,6 +405,9 @@ pub fn frame_to_rgb(
             let data = data.get(..size).unwrap_or(data);
             yuyv_to_rgb(data, width, height).map_err(|e| PhotoError::CameraFrame(e.to_string()))
         }
+        PixelFormat::I420(layout) => layout
+            .to_rgb(data)
+            .map_err(|e| PhotoError::CameraFrame(e.to_string())),
     }
 }
 
@@ -411,13 +446,8 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Result<RgbImage, Sou
     }
     let mut rgb = Vec::with_capacity(width as usize * height as usize * 3);
     for px in data.chunks_exact(4) {
-        let (u, v) = (px[1] as i32 - 128, px[3] as i32 - 128);
         for y in [px[0], px[2]] {
-            let c = 298 * (y as i32 - 16);
-            let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
-            rgb.push(clamp(c + 409 * v));
-            rgb.push(clamp(c - 100 * u - 208 * v));
-            rgb.push(clamp(c + 516 * u));
+            rgb.extend_from_slice(&YuvMatrix::Bt601.to_rgb(y, px[1], px[3]));
         }
     }
     Ok(RgbImage::from_raw(width, height, rgb).expect("3 bytes per pixel"))
