@@ -11,6 +11,7 @@ use petcam_device::actuate::{self, Actuator};
 use petcam_device::agent::{self, Pace, Report};
 use petcam_device::decide::Decision;
 use petcam_device::source::camera::{Backoff, CameraNotice, CameraSettings, LiveSource};
+use petcam_device::source::rpicam::RpicamSettings;
 use petcam_device::source::{self, SourceSpec};
 use petcam_device::telemetry::{Live, Telemetry};
 use petcam_device::update::{Activated, Store, Updater};
@@ -38,8 +39,9 @@ pub struct RunArgs {
     model: Option<PathBuf>,
     /// dir:PATH (images in name order), mjpeg:FILE (concatenated JPEG frames; `mjpeg:-` reads
     /// stdin and a FIFO is read too, frame by frame as the bytes arrive, so ffmpeg or
-    /// `rpicam-vid --codec mjpeg -o -` can feed it) or camera:/dev/videoN (required here or in
-    /// the config).
+    /// `rpicam-vid --codec mjpeg -o -` can feed it), camera:/dev/videoN (a V4L2 camera, e.g. a
+    /// USB webcam) or rpicam: (a Raspberry Pi Camera Module through `rpicam-vid`; rpicam:N for
+    /// camera N) (required here or in the config).
     #[arg(long, value_name = "SRC")]
     source: Option<SourceSpec>,
     /// Start again at the first file when a dir: or mjpeg: file ends (not for streams).
@@ -57,6 +59,19 @@ pub struct RunArgs {
     /// Camera frame height to ask for [default: 480].
     #[arg(long, value_name = "PX")]
     height: Option<u32>,
+    /// rpicam: the program that serves the Camera Module [default: rpicam-vid; libcamera-vid
+    /// on bullseye].
+    #[arg(long, value_name = "PATH")]
+    rpicam_bin: Option<PathBuf>,
+    /// rpicam: one more option for rpicam-vid, after petcam's own (repeat it:
+    /// --rpicam-arg=--hflip --rpicam-arg=--awb --rpicam-arg=indoor).
+    #[arg(long = "rpicam-arg", value_name = "ARG", allow_hyphen_values = true)]
+    #[serde(default)]
+    rpicam_arg: Vec<String>,
+    /// rpicam: bytes per row of the Y plane, when not the Pi's own rule [default: the width
+    /// rounded up to 64 bytes, 128 on a Pi 5].
+    #[arg(long, value_name = "BYTES")]
+    rpicam_stride: Option<u32>,
     /// Decide on the mean probabilities of the last N frames [default: 3].
     #[arg(long, value_name = "N")]
     smooth: Option<usize>,
@@ -125,6 +140,13 @@ impl RunArgs {
             fps: self.fps.or(file.fps),
             width: self.width.or(file.width),
             height: self.height.or(file.height),
+            rpicam_bin: self.rpicam_bin.or(file.rpicam_bin),
+            rpicam_arg: if self.rpicam_arg.is_empty() {
+                file.rpicam_arg
+            } else {
+                self.rpicam_arg
+            },
+            rpicam_stride: self.rpicam_stride.or(file.rpicam_stride),
             smooth: self.smooth.or(file.smooth),
             threshold: self.threshold.or(file.threshold),
             pins: if self.pins.is_empty() {
@@ -345,8 +367,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let Some(spec) = args.source.clone() else {
         return usage_error(
-            "no source: pass --source dir:PATH|mjpeg:FILE|mjpeg:-|camera:/dev/videoN or set `source` \
-             in the --config file",
+            "no source: pass --source dir:PATH|mjpeg:FILE|mjpeg:-|camera:/dev/videoN|rpicam: or set \
+             `source` in the --config file",
         );
     };
     let threshold = args.threshold.unwrap_or(0.8);
@@ -468,6 +490,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 move |n| r.camera(n),
             );
             agent::spawn_capture(frames, Pace::Live, stop.clone())
+        }
+        SourceSpec::Rpicam(camera) => {
+            let settings = RpicamSettings {
+                bin: args
+                    .rpicam_bin
+                    .clone()
+                    .unwrap_or_else(|| "rpicam-vid".into()),
+                camera: *camera,
+                width: args.width.unwrap_or(640),
+                height: args.height.unwrap_or(480),
+                fps: fps.unwrap_or(30.0).round() as u32,
+                stride: args.rpicam_stride,
+                extra_args: args.rpicam_arg.clone(),
+                stop: stop.clone(),
+            };
+            rpicam_capture(settings, &reporter, &stop)?
         }
     };
 
@@ -628,6 +666,56 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(super::agent::EXIT_RESTART));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Frames from a Camera Module: `rpicam-vid` started (and restarted, with the camera's
+/// back-off) by the capture thread, whose notices are the camera's.
+#[cfg(target_os = "linux")]
+fn rpicam_capture(
+    settings: RpicamSettings,
+    reporter: &Arc<Reporter>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<(
+    Arc<agent::FrameQueue<agent::Captured>>,
+    std::thread::JoinHandle<()>,
+)> {
+    // A size or stride that cannot work is the operator's to fix, not something to retry.
+    let layout = settings.layout().map_err(|e| {
+        anyhow::anyhow!("rpicam: {e}; pick another --width/--height or --rpicam-stride")
+    })?;
+    let name: PathBuf = match settings.camera {
+        Some(n) => format!("rpicam:{n}").into(),
+        None => "rpicam:".into(),
+    };
+    tracing::info!(
+        "rpicam: {} {}x{} at {} fps, I420 rows of {} bytes",
+        settings.bin.display(),
+        layout.width,
+        layout.height,
+        settings.fps,
+        layout.stride
+    );
+    let r = reporter.clone();
+    let frames = LiveSource::new(
+        name,
+        move || source::rpicam::open(&settings),
+        Backoff::default(),
+        stop.clone(),
+        move |n| r.camera(n),
+    );
+    Ok(agent::spawn_capture(frames, Pace::Live, stop.clone()))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rpicam_capture(
+    _settings: RpicamSettings,
+    _reporter: &Arc<Reporter>,
+    _stop: &Arc<AtomicBool>,
+) -> anyhow::Result<(
+    Arc<agent::FrameQueue<agent::Captured>>,
+    std::thread::JoinHandle<()>,
+)> {
+    anyhow::bail!("rpicam: the Camera Module is served by rpicam-vid, which runs on Linux only")
 }
 
 /// Opens the camera with the V4L2 back-end, or explains how to get one.

@@ -199,6 +199,10 @@ where
                 }
                 Err(e) => {
                     self.camera = None;
+                    // A grab cut short by the stop request is no loss to report.
+                    if self.stop.load(Ordering::Relaxed) {
+                        return None;
+                    }
                     (self.notify)(CameraNotice::Lost {
                         path: self.path.clone(),
                         error: e.to_string(),
