@@ -397,9 +397,9 @@ impl Drop for Running {
     }
 }
 
-/// A small cat/dog model trained once per test process on 6 + 6 Kaggle photos (seconds on the
-/// host), with those photos; `None` (with a message) when `../shared` is missing (see
-/// [`crate::shared`]).
+/// A small cat/dog model (EfficientNet-Lite0 at 128x128) trained once per test process on 6 + 6
+/// Kaggle photos (seconds on the host), with those photos; `None` (with a message) when
+/// `../shared` is missing (see [`crate::shared`]).
 #[derive(Debug)]
 pub struct TinyModel {
     /// The exported `model.onnx`.
@@ -436,7 +436,16 @@ pub fn tiny_model() -> Option<&'static TinyModel> {
             }
             let out = dir.join("out");
             let mut cmd = crate::train_and_export(&photos, &weights, &out, &dir.join("cache"));
-            cmd.args(["--val-fraction", "0.3", "--latency-runs", "1"]);
+            // 128 px: inference under emulation takes about a second instead of three, and
+            // 6 + 6 photos still give confident decisions.
+            cmd.args([
+                "--val-fraction",
+                "0.3",
+                "--latency-runs",
+                "1",
+                "--input-size",
+                "128",
+            ]);
             let done = crate::run(&mut cmd);
             assert!(done.status.success(), "train-and-export failed");
             Some(TinyModel {
