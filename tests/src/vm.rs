@@ -16,6 +16,24 @@ pub fn tool() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/vm")
 }
 
+/// `tools/vm build`, once per test process, before the first run: on a fresh machine it
+/// installs the host packages and builds the VM (about 30 s, then cached). Tests run in
+/// parallel; several first runs at once would each start apt-get, and only one can hold
+/// dpkg's lock.
+fn build() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(tool())
+            .arg("build")
+            .status()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tool().display()));
+        assert!(
+            status.success(),
+            "`tools/vm build` failed ({status}); see above"
+        );
+    });
+}
+
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
@@ -218,6 +236,7 @@ impl Vm {
     }
 
     fn command(&mut self, guest: &str) -> &mut Command {
+        build();
         // A hung guest must not hang the test run: tools/vm SIGKILLs qemu after this (status
         // 124), unless the caller chose its own --timeout.
         if !self.timeout {
