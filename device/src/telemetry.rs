@@ -221,11 +221,18 @@ fn write_loop<W: Write>(
         tracing::info!("telemetry link up");
         let mut next = Some(Message::Hello(hello.lock().expect("hello").clone()));
         loop {
+            let greeting = next.is_some();
             let Some(msg) = next.take().or_else(|| queue.pop()) else {
                 let _ = port.flush();
                 return stats;
             };
             buf.clear();
+            if greeting {
+                // Whatever the line carried before (a boot console, a tty's echo, the half
+                // frame of a writer that died) would otherwise run into the Hello and take it
+                // down with it: a delimiter first ends it, and an empty frame is ignored.
+                buf.push(0);
+            }
             if let Err(e) = protocol::encode_into(&msg, &mut buf) {
                 tracing::warn!("telemetry message not sent: {e}");
                 lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -465,6 +472,24 @@ mod tests {
         assert_eq!(logs + stats.dropped, 6, "{got:?} {stats:?}");
         assert_eq!(stats.dropped, 1);
         assert!(*opens.lock().unwrap() >= 3);
+    }
+
+    #[test]
+    fn the_hello_survives_what_the_line_carried_before_it() {
+        // Bytes without a delimiter at the far end (here a tty's echo of `^@`) are followed,
+        // on every connection, by the Hello, intact.
+        let out = Arc::new(Mutex::new(b"^C^@^G^G".to_vec()));
+        let o = out.clone();
+        let t = Telemetry::spawn(hello(), Backoff::default(), move || {
+            Ok(Port {
+                out: o.clone(),
+                writes_left: None,
+            })
+        });
+        t.send(log(1));
+        t.finish();
+        let got = decode(&out.lock().unwrap());
+        assert_eq!(got, vec![Message::Hello(hello()), log(1)]);
     }
 
     #[test]
