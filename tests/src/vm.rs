@@ -474,3 +474,43 @@ pub fn tiny_model() -> Option<&'static TinyModel> {
         })
         .as_ref()
 }
+
+/// Watching stderr from a point on, for tests that act on console lines as they come (the
+/// serial tests time power cuts from the guest's syscall tracepoints).
+impl Running {
+    /// Bytes of stderr seen so far: a starting point for [`Running::wait_for_stderr_after`].
+    pub fn stderr_len(&self) -> usize {
+        self.stderr.0.lock().unwrap().len()
+    }
+
+    /// Waits for a stderr line that starts at or after byte `from` and satisfies `pred`;
+    /// returns the offset just past it (for the next call) and the line. `None` when the VM
+    /// ended (or `within` passed) without one.
+    pub fn wait_for_stderr_after(
+        &self,
+        from: usize,
+        pred: impl Fn(&str) -> bool,
+        within: Duration,
+    ) -> Option<(usize, String)> {
+        let end = Instant::now() + within;
+        let mut text = self.stderr.0.lock().unwrap();
+        loop {
+            let mut at = from.min(text.len());
+            // Lines are pushed whole, so every `\n` past `from` ends one.
+            while let Some(nl) = text[at..].find('\n') {
+                let line = &text[at..at + nl];
+                if pred(line) {
+                    return Some((at + nl + 1, line.to_owned()));
+                }
+                at += nl + 1;
+            }
+            let now = Instant::now();
+            let ended = self.stderr_thread.as_ref().is_none_or(|t| t.is_finished());
+            if now >= end || ended {
+                return None;
+            }
+            let wait = (end - now).min(Duration::from_millis(200));
+            text = self.stderr.1.wait_timeout(text, wait).unwrap().0;
+        }
+    }
+}
