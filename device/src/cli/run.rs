@@ -634,7 +634,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let link = Arc::into_inner(reporter)
         .and_then(|r| r.telemetry)
         .map(Telemetry::finish);
-    let stats = stats?;
+    let mut stats = stats?;
+    if !stream_capture {
+        // The capture thread went on until it saw the stop flag: what it dropped after the
+        // loop's last count was never classified either.
+        stats.dropped = queue.dropped();
+    }
     if args.json {
         let mut summary = serde_json::to_value(&stats)?;
         summary["event"] = "summary".into();
