@@ -52,15 +52,17 @@ const UPLOAD_POINTS: [f64; 6] = [0.4, 0.75, 0.1, 0.9, 0.55, 0.25];
 
 /// Where commit cuts land: `delay_ms` after the agent entered its `event`-th fsync or rename
 /// since the `Commit` arrived (see [`COMMIT_EVENTS`]).
-const COMMIT_POINTS: [(usize, u64); 10] = [
+const COMMIT_POINTS: [(usize, u64); 12] = [
     (5, 0),
     (2, 0),
     (1, 1500),
+    (6, 20),
     (3, 0),
     (4, 1),
     (6, 0),
     (2, 5),
     (5, 3),
+    (6, 60),
     (1, 200),
     (4, 0),
 ];
@@ -774,13 +776,32 @@ impl std::fmt::Display for Cut {
     }
 }
 
-fn cut_point(i: usize, seed: usize) -> Cut {
-    let j = i / 2 + seed;
-    if i.is_multiple_of(2) {
-        Cut::Upload(UPLOAD_POINTS[j % UPLOAD_POINTS.len()])
-    } else {
-        let (event, delay_ms) = COMMIT_POINTS[j % COMMIT_POINTS.len()];
-        Cut::Commit { event, delay_ms }
+/// The kill points, taken in turn from [`UPLOAD_POINTS`] and [`COMMIT_POINTS`] (each from
+/// `seed` on): cuts alternate between an upload and a commit, except that a boot with little
+/// left to upload cuts its commit.
+#[derive(Debug)]
+struct Schedule {
+    uploads: usize,
+    commits: usize,
+}
+
+impl Schedule {
+    fn new(seed: usize) -> Schedule {
+        Schedule {
+            uploads: seed,
+            commits: seed,
+        }
+    }
+
+    fn next(&mut self, i: usize, left_to_send: u64) -> Cut {
+        if i.is_multiple_of(2) && left_to_send >= 4 * SYNC_EVERY {
+            self.uploads += 1;
+            Cut::Upload(UPLOAD_POINTS[(self.uploads - 1) % UPLOAD_POINTS.len()])
+        } else {
+            self.commits += 1;
+            let (event, delay_ms) = COMMIT_POINTS[(self.commits - 1) % COMMIT_POINTS.len()];
+            Cut::Commit { event, delay_ms }
+        }
     }
 }
 
@@ -836,6 +857,7 @@ fn a_flash_over_the_guest_uart_completes_and_power_cuts_never_leave_a_mixed_mode
     let mut active = 0;
     let mut rows = Vec::new();
 
+    let mut schedule = Schedule::new(seed);
     for i in 0..cuts {
         // The model not active, resuming what the device holds of it.
         let target = 1 - active;
@@ -844,11 +866,7 @@ fn a_flash_over_the_guest_uart_completes_and_power_cuts_never_leave_a_mixed_mode
             _ => 0,
         };
         let size = models[target].bytes.len() as u64;
-        let mut cut = cut_point(i, seed);
-        if matches!(cut, Cut::Upload(_)) && size - held < 4 * SYNC_EVERY {
-            // Nothing much left to send: cut the commit instead.
-            cut = cut_point(i + 1, seed);
-        }
+        let cut = schedule.next(i, size - held);
         let trigger: Option<Trigger> = match cut {
             Cut::Upload(x) => {
                 let at = held + ((size - held) as f64 * x) as u64;
