@@ -26,6 +26,8 @@ struct RpicamCamera {
     child: Child,
     stdout: ChildStdout,
     stderr: Arc<Mutex<VecDeque<String>>>,
+    /// The thread reading stderr; it ends when the child's stderr closes.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     bin: String,
     layout: I420Layout,
@@ -70,7 +72,8 @@ pub fn open(settings: &RpicamSettings) -> io::Result<Box<dyn Camera>> {
         io::Error::new(e.kind(), format!("cannot start {bin}: {e}{hint}"))
     })?;
     let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = forward_stderr(child.stderr.take().expect("stderr is piped"), &bin);
+    let (stderr, stderr_reader) =
+        forward_stderr(child.stderr.take().expect("stderr is piped"), &bin);
     tracing::info!(
         "started {bin} (pid {}) for {}x{} I420, stride {}, {} bytes a frame",
         child.id(),
@@ -83,6 +86,7 @@ pub fn open(settings: &RpicamSettings) -> io::Result<Box<dyn Camera>> {
         child,
         stdout,
         stderr,
+        stderr_reader,
         stop: settings.stop.clone(),
         bin,
         frame: vec![0; layout.frame_len()],
@@ -94,7 +98,13 @@ pub fn open(settings: &RpicamSettings) -> io::Result<Box<dyn Camera>> {
 }
 
 /// Logs the child's stderr line by line and keeps the last few lines for error messages.
-fn forward_stderr(stderr: std::process::ChildStderr, bin: &str) -> Arc<Mutex<VecDeque<String>>> {
+fn forward_stderr(
+    stderr: std::process::ChildStderr,
+    bin: &str,
+) -> (
+    Arc<Mutex<VecDeque<String>>>,
+    Option<std::thread::JoinHandle<()>>,
+) {
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
     let keep = tail.clone();
     let name = bin.to_owned();
@@ -121,10 +131,13 @@ fn forward_stderr(stderr: std::process::ChildStderr, bin: &str) -> Arc<Mutex<Vec
                 tail.push_back(text);
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot start a thread for {bin}'s messages: {e}");
+    match spawned {
+        Ok(handle) => (tail, Some(handle)),
+        Err(e) => {
+            tracing::warn!("cannot start a thread for {bin}'s messages: {e}");
+            (tail, None)
+        }
     }
-    tail
 }
 
 impl RpicamCamera {
@@ -169,6 +182,17 @@ impl RpicamCamera {
                 _ => break None,
             }
         };
+        // Its last words may still be in the pipe: let the reader reach the end of stderr.
+        if status.is_some() {
+            while self
+                .stderr_reader
+                .as_ref()
+                .is_some_and(|h| !h.is_finished())
+                && Instant::now() < deadline + Duration::from_millis(500)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let how = match status {
             Some(s) => format!("exited ({s})"),
             None => "closed its output".to_owned(),
