@@ -37,7 +37,14 @@ fn build_fixture() -> Option<Fixture> {
     let mut cmd = train_and_export(&train, &weights, &out, &dir.join("cache"));
     // At 128 px the model is several times faster than a 30 fps stream even on a busy
     // machine, so what is measured is the frames' way in, not the network.
-    cmd.args(["--val-fraction", "0.3", "--latency-runs", "1", "--input-size", "128"]);
+    cmd.args([
+        "--val-fraction",
+        "0.3",
+        "--latency-runs",
+        "1",
+        "--input-size",
+        "128",
+    ]);
     assert!(run(&mut cmd).status.success());
     let model = out.join("model.onnx");
 
