@@ -141,6 +141,7 @@ impl SharedDepthwise {
         let planes = self.batch * g.channels;
         let threads = self
             .threads
+            .min(pool_threads())
             .min((planes * out_plane) / MIN_PER_THREAD)
             .clamp(1, planes.max(1));
         let out_w = g.out_w();
@@ -235,6 +236,15 @@ fn runs(output: &mut [f32], len: usize, per: usize) -> Vec<(usize, &mut [f32])> 
 /// Runs `f` on every part: the first on this thread, the others on the pool tract runs the
 /// plan with. The first part staying here matters: the matrix products give this thread the
 /// first part of their output too, so the data it reads is already in its cache.
+/// Threads of the pool this inference runs on: 1 when it runs on the calling thread alone
+/// (a model loaded with `Threads::Auto` may run either way).
+fn pool_threads() -> usize {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
 fn fork<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync) {
     let mut parts = parts.into_iter();
     let Some(first) = parts.next() else { return };
@@ -275,6 +285,7 @@ impl SharedDepthwise {
         let rows = self.batch * g.out_h();
         let threads = self
             .threads
+            .min(pool_threads())
             .min(output.len() / MIN_PER_THREAD)
             .clamp(1, rows.max(1));
         let per = rows.div_ceil(threads);

@@ -6,17 +6,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use image::RgbImage;
 use petcam_shared::metadata::{self, InputSpec};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
 use sha2::Digest;
 
 use crate::preprocess;
+use crate::threads::{Chooser, Lane, Threads};
 
 /// Whether depthwise convolutions run on petcam-shared's kernel (the default) rather than
 /// tract's own: `PETCAM_TRACT_DEPTHWISE=1` keeps tract's, to compare the two.
@@ -65,8 +65,18 @@ pub struct ExportedModel {
     pub metadata: BTreeMap<String, String>,
     pub graph: GraphSummary,
     plan: Arc<Plan>,
-    /// tract's pool when running on several threads.
-    pool: Option<Arc<rayon::ThreadPool>>,
+    cores: Cores,
+}
+
+/// Where the plan runs (see [`Threads`]).
+#[derive(Clone)]
+enum Cores {
+    One,
+    Pool(Arc<rayon::ThreadPool>),
+    Auto {
+        pool: Arc<rayon::ThreadPool>,
+        chooser: Arc<Mutex<Chooser>>,
+    },
 }
 
 /// What the graph is made of, read from the file (before any runtime optimisation).
@@ -175,11 +185,11 @@ impl std::fmt::Debug for ExportedModel {
 impl ExportedModel {
     /// Loads and optimises a model that runs each inference on the calling thread.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        Self::load_with_threads(path, 1)
+        Self::load_with_threads(path, Threads::One)
     }
 
-    /// Loads and optimises a model whose matrix products use `threads` threads.
-    pub fn load_with_threads(path: &Path, threads: usize) -> Result<Self, ModelError> {
+    /// Loads and optimises a model whose inferences use the cores as `threads` says.
+    pub fn load_with_threads(path: &Path, threads: Threads) -> Result<Self, ModelError> {
         let data = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.to_owned(),
             source,
@@ -189,14 +199,14 @@ impl ExportedModel {
 
     /// A single-thread model from the bytes of an ONNX file; `path` names it in errors.
     pub fn from_bytes(data: &[u8], path: &Path) -> Result<Self, ModelError> {
-        Self::from_bytes_with_threads(data, path, 1)
+        Self::from_bytes_with_threads(data, path, Threads::One)
     }
 
-    /// A model from the bytes of an ONNX file, its matrix products on `threads` threads.
+    /// A model from the bytes of an ONNX file, its inferences on the cores as `threads` says.
     pub fn from_bytes_with_threads(
         data: &[u8],
         path: &Path,
-        threads: usize,
+        threads: Threads,
     ) -> Result<Self, ModelError> {
         let load_err = |e: anyhow::Error| ModelError::Load {
             path: path.to_owned(),
@@ -231,31 +241,36 @@ impl ExportedModel {
             .map(GraphSummary::of)
             .unwrap_or_default();
         avoid_amx_int8();
-        let executor = (threads > 1).then(|| {
+        if threads.max() > 1 {
             prefer_one_chunk_per_thread();
-            Executor::multithread(threads)
-        });
+        }
         let plan = tract_onnx::onnx()
             .model_for_proto_model(&proto)
             .and_then(|m| m.into_typed())
             .and_then(|m| m.into_decluttered())
             .and_then(|mut m| {
                 if shared_depthwise() {
-                    crate::depthwise::replace_depthwise(&mut m, threads)?;
+                    crate::depthwise::replace_depthwise(&mut m, threads.max())?;
                 }
                 m.into_optimized()
             })
-            .and_then(|m| {
-                let options = RunOptions {
-                    executor: executor.clone(),
-                    ..Default::default()
-                };
-                m.into_runnable_with_options(&options)
-            })
+            // No executor in the plan: `run` picks one per inference.
+            .and_then(|m| m.into_runnable())
             .map_err(load_err)?;
-        let pool = match executor {
-            Some(Executor::MultiThread(pool)) => Some(pool),
-            _ => None,
+        let pool = || match Executor::multithread(threads.max()) {
+            Executor::MultiThread(pool) => Ok(pool),
+            _ => Err(ModelError::Load {
+                path: path.to_owned(),
+                reason: format!("no pool of {} threads on this platform", threads.max()),
+            }),
+        };
+        let cores = match threads {
+            Threads::One => Cores::One,
+            Threads::Pool(_) => Cores::Pool(pool()?),
+            Threads::Auto(_) => Cores::Auto {
+                pool: pool()?,
+                chooser: Default::default(),
+            },
         };
         Ok(Self {
             path: path.to_owned(),
@@ -266,7 +281,7 @@ impl ExportedModel {
             metadata,
             graph,
             plan,
-            pool,
+            cores,
         })
     }
 
@@ -282,9 +297,37 @@ impl ExportedModel {
         Ok(probs.iter().copied().collect())
     }
 
-    /// Runs the plan, on tract's pool when there is one (see [`in_pool`]).
+    /// Inferences so far on one thread and on the pool, when the model chooses between them
+    /// ([`Threads::Auto`]).
+    pub fn lane_counts(&self) -> Option<(u64, u64)> {
+        match &self.cores {
+            Cores::Auto { chooser, .. } => Some(lock(chooser).counts),
+            _ => None,
+        }
+    }
+
+    /// Runs the plan on the calling thread or on tract's pool (see [`in_pool`]); with
+    /// [`Threads::Auto`], on whichever the chooser picks, timed for it.
     fn run(&self, input: TValue) -> TractResult<TVec<TValue>> {
-        in_pool(self.pool.as_deref(), || self.plan.run(tvec!(input)))
+        self.on_cores(|| self.plan.run(tvec!(input)))
+    }
+
+    /// Runs `f` (one inference) where the model's [`Threads`] say.
+    fn on_cores<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.cores {
+            Cores::One => f(),
+            Cores::Pool(pool) => in_pool(pool, f),
+            Cores::Auto { pool, chooser } => {
+                let lane = lock(chooser).choose();
+                let start = std::time::Instant::now();
+                let out = match lane {
+                    Lane::One => f(),
+                    Lane::Pool => in_pool(pool, f),
+                };
+                lock(chooser).record(lane, start.elapsed().as_secs_f64() * 1000.0);
+                out
+            }
+        }
     }
 
     fn input_tensor(&self, rgb: &RgbImage) -> Result<TValue, ModelError> {
@@ -311,7 +354,7 @@ impl ExportedModel {
         let input = self.input_tensor(rgb)?;
         let mut totals: Vec<(usize, String, String, std::time::Duration)> = Vec::new();
         let mut state = TypedSimpleState::new(&self.plan).map_err(run_err)?;
-        let body = || -> Result<(), ModelError> {
+        let mut body = || -> Result<(), ModelError> {
             for _ in 0..runs.max(1) {
                 let mut i = 0;
                 state
@@ -337,7 +380,10 @@ impl ExportedModel {
             Ok(())
         };
         // As `run` does, so the profile shows the plan as it runs.
-        in_pool(self.pool.as_deref(), body)?;
+        match &self.cores {
+            Cores::One => body()?,
+            Cores::Pool(pool) | Cores::Auto { pool, .. } => in_pool(pool, body)?,
+        }
         let n = runs.max(1) as f64;
         Ok(totals
             .into_iter()
@@ -400,9 +446,9 @@ fn prefer_one_chunk_per_thread() {
 /// other workers spin on `rayon::yield_now`, which also steals and runs the split halves of
 /// each operator as soon as they appear. They stop when the inference does; between frames
 /// they sleep as usual.
-fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+fn in_pool<R: Send>(pool: &Arc<rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let Some(pool) = pool else { return f() };
+    use tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope;
     pool.install(|| {
         let done = AtomicBool::new(false);
         let here = rayon::current_thread_index();
@@ -429,9 +475,14 @@ fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Se
                 }
             }
             let _stop = Stop(&done);
-            f()
+            multithread_tract_scope(Executor::MultiThread(pool.clone()), f)
         })
     })
+}
+
+/// The chooser's state; a panic in another inference leaves it usable.
+fn lock(chooser: &Mutex<Chooser>) -> std::sync::MutexGuard<'_, Chooser> {
+    chooser.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Mean time of one node of the optimised plan.
@@ -504,6 +555,39 @@ pub fn latency(
             m.run(input.clone()).map_err(run_err)?;
             if round > 0 {
                 t.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    Ok(times.into_iter().map(Latency::from_samples).collect())
+}
+
+/// Like [`latency`], but each model's turn is `turn` inferences after an untimed one: a model
+/// on a pool then runs as it would alone, its weights in the caches and its threads awake,
+/// while the turns still spread the machine's drift over all the models. Turns are 0.2 s
+/// apart: a pool's threads yield the core 32 times before they sleep, and on a busy core
+/// that takes tens of milliseconds of the next turn otherwise.
+pub fn latency_in_turns(
+    models: &[&ExportedModel],
+    rgb: &RgbImage,
+    runs: usize,
+    turn: usize,
+) -> Result<Vec<Latency>, ModelError> {
+    let (runs, turn) = (runs.max(1), turn.clamp(1, runs.max(1)));
+    let inputs = models
+        .iter()
+        .map(|m| m.input_tensor(rgb))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut times = vec![Vec::with_capacity(runs); models.len()];
+    while times[0].len() < runs {
+        for ((m, input), t) in models.iter().zip(&inputs).zip(&mut times) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let timed = turn.min(runs - t.len());
+            for i in 0..=timed {
+                let start = std::time::Instant::now();
+                m.run(input.clone()).map_err(run_err)?;
+                if i > 0 {
+                    t.push(start.elapsed().as_secs_f64() * 1000.0);
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod preprocess;
 pub mod retry;
 pub mod source;
 pub mod telemetry;
+pub mod threads;
 pub mod update;
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MB; `None` elsewhere.

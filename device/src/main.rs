@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use petcam_device::infer::ExportedModel;
+use petcam_device::threads::Threads;
 
 mod cli;
 
@@ -57,13 +58,7 @@ fn main() -> ExitCode {
     }
 }
 
-pub(crate) fn threads(requested: Option<usize>) -> usize {
-    requested
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1)
-}
-
-pub(crate) fn load(path: &Path, threads: usize) -> anyhow::Result<ExportedModel> {
+pub(crate) fn load(path: &Path, threads: Threads) -> anyhow::Result<ExportedModel> {
     if !path.exists() {
         anyhow::bail!(
             "model file {} does not exist; copy model.onnx from `petcam train-and-export`",

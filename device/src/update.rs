@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::firmware::FirmwareStore;
 use crate::infer::ExportedModel;
+use crate::threads::Threads;
 
 /// A model in service, as `active.json` records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,7 +256,7 @@ pub struct Policy {
     pub latency_budget_ms: f64,
     /// Threads the self-test loads the model with (the model it loads is the one `run` then
     /// switches to).
-    pub threads: usize,
+    pub threads: Threads,
     /// Labels a new model must have, in order: `run` drives its pins by label.
     pub required_labels: Option<Vec<String>>,
     /// Version of the running binary, for firmware downgrade checks until one is installed.

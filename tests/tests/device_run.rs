@@ -227,6 +227,39 @@ fn the_device_reports_over_serial_waits_for_a_camera_and_stops_cleanly() {
     drop(slave);
 
     mjpeg_from_stdin_is_read_frame_by_frame(&model, &photos);
+    sigterm_while_the_model_loads_is_a_clean_stop(&model, &photos);
+}
+
+/// SIGTERM that arrives while the model is still loading (as systemd's stop of a device just
+/// started) ends the run with exit code 0, not the signal's 143.
+fn sigterm_while_the_model_loads_is_a_clean_stop(model: &Path, photos: &Path) {
+    use std::io::BufRead;
+    let mut child = Command::new(binary("petcam-device"))
+        .args(["-v", "run", "--model"])
+        .arg(model)
+        .arg("--source")
+        .arg(format!("dir:{}", photos.display()))
+        .args(["--loop", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("loading the model") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    // Loading and optimising takes a few hundred milliseconds: the signal lands in it.
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    seen.push_str(&rest);
+    assert_eq!(status.code(), Some(0), "{seen}");
+    assert!(seen.contains("stopped while the model loaded"), "{seen}");
 }
 
 /// `mjpeg:-`: JPEG frames written one by one into stdin, as ffmpeg or `rpicam-vid --codec

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use petcam_device::firmware::FirmwareStore;
+use petcam_device::threads::Threads;
 use petcam_device::update::{Activated, Policy, Store, Updater};
 use petcam_shared::protocol::{self, Message, Reassembler, Received, Role};
 use petcam_shared::signing::{self, VerifyingKey};
@@ -30,9 +31,10 @@ pub struct AgentArgs {
     /// Name reported in `Hello` [default: the host name].
     #[arg(long)]
     pub device_id: Option<String>,
-    /// Threads the self-test loads a model with [default: all cores].
+    /// Threads the self-test loads a model with: `auto` (the default), `N` or `auto:N`, as
+    /// `run --threads` takes them.
     #[arg(long)]
-    pub threads: Option<usize>,
+    pub threads: Option<Threads>,
     /// Seconds a newly flashed binary must run before it confirms itself; one that stops
     /// sooner is rolled back by `petcam-device launch` at the next start.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
@@ -98,7 +100,7 @@ pub struct TrustArgs {
 }
 
 impl TrustArgs {
-    pub fn policy(&self, threads: usize) -> anyhow::Result<Policy> {
+    pub fn policy(&self, threads: Threads) -> anyhow::Result<Policy> {
         let mut p = policy(
             self.trusted_key.as_deref(),
             self.allow_downgrade,
@@ -116,7 +118,7 @@ impl TrustArgs {
 pub fn policy(
     trusted_key: Option<&Path>,
     allow_downgrade: bool,
-    threads: usize,
+    threads: Threads,
     required_labels: Option<Vec<String>>,
 ) -> anyhow::Result<Policy> {
     let trusted_key = match trusted_key {
@@ -155,7 +157,7 @@ fn read_public_key(path: &Path) -> anyhow::Result<VerifyingKey> {
 }
 
 pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let threads = crate::threads(args.threads);
+    let threads = args.threads.unwrap_or_default();
     let policy = args.trust.policy(threads)?;
     let store = Store::open(&args.state_dir).with_context(|| {
         format!(
@@ -197,6 +199,10 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
             model,
         ))
     };
+    // Whatever the line carried before (a boot console, the half frame of a writer that
+    // died) would run into the first Hello: a delimiter ends it, and an empty frame is ignored.
+    port.write_all(&[0])
+        .with_context(|| format!("writing to {}", args.port.display()))?;
     send(&mut port, &hello(&updater))?;
     tracing::info!(port = %args.port.display(), state = %args.state_dir.display(), "agent ready");
     let mut rx = Reassembler::new();

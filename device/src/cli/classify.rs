@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use petcam_device::infer::top1;
+use petcam_device::threads::Threads;
 use petcam_device::{preprocess, source};
 
 /// Classify image files, or every image under folders, one line per image.
@@ -19,16 +20,18 @@ pub struct ClassifyArgs {
     /// Image files or folders (searched recursively, in name order).
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
-    /// Inference threads (matrix products and depthwise layers) [default: all cores].
+    /// Inference threads: `auto` (the default) splits inferences over every core while that is
+    /// measured faster than one thread, and runs them on one while other work holds the
+    /// cores; `N` always uses N; `auto:N` chooses between 1 and N.
     #[arg(long)]
-    threads: Option<usize>,
+    threads: Option<Threads>,
     /// JSON lines: path, label, confidence, probabilities, latency_ms (or path and error).
     #[arg(long)]
     json: bool,
 }
 
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
-    let model = crate::load(&args.model, crate::threads(args.threads))?;
+    let model = crate::load(&args.model, args.threads.unwrap_or_default())?;
     let mut files = Vec::new();
     for p in &args.paths {
         files.extend(source::image_files(p)?);

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use petcam_device::firmware::{Boot, FirmwareStore};
+use petcam_device::threads::Threads;
 use petcam_device::update::{self, Store};
 
 /// Start the firmware flashed last (`firmware/current` in the state directory) with the given
@@ -79,7 +80,7 @@ pub fn self_test(args: SelfTestArgs) -> anyhow::Result<ExitCode> {
     };
     let bytes = std::fs::read(&path)
         .with_context(|| format!("cannot read the model {}", path.display()))?;
-    let policy = super::agent::policy(None, false, 1, None)?;
+    let policy = super::agent::policy(None, false, Threads::One, None)?;
     match update::self_test(&bytes, &path, &policy) {
         Ok(model) => {
             println!(

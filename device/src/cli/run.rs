@@ -14,6 +14,7 @@ use petcam_device::source::camera::{Backoff, CameraNotice, CameraSettings, LiveS
 use petcam_device::source::rpicam::RpicamSettings;
 use petcam_device::source::{self, SourceSpec};
 use petcam_device::telemetry::{Live, Telemetry};
+use petcam_device::threads::Threads;
 use petcam_device::update::{Activated, Store, Updater};
 use petcam_shared::protocol::{self, ErrorSource, Message, Role};
 
@@ -86,9 +87,11 @@ pub struct RunArgs {
     /// GPIO character device of the --pin lines [default: /dev/gpiochip0].
     #[arg(long, value_name = "DEV")]
     gpio_chip: Option<PathBuf>,
-    /// Inference threads (matrix products and depthwise layers) [default: all cores].
+    /// Inference threads: `auto` (the default) splits inferences over every core while that is
+    /// measured faster than one thread, and runs them on one while other work holds the
+    /// cores; `N` always uses N; `auto:N` chooses between 1 and N.
     #[arg(long)]
-    threads: Option<usize>,
+    threads: Option<Threads>,
     /// Stop after this many classified frames.
     #[arg(long, value_name = "N")]
     max_frames: Option<u64>,
@@ -377,14 +380,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let fps = args.fps.filter(|f| *f > 0.0);
 
-    let model = crate::load(&model_path, crate::threads(args.threads))?;
-    let pins: Vec<(usize, u32)> = args
-        .pins
-        .iter()
-        .map(|spec| actuate::parse_pin(spec, &model.labels))
-        .collect::<Result<_, _>>()?;
-    let model_id = model.id();
-
+    // Installed before the model loads, so SIGTERM while it loads is a clean stop, not a
+    // kill.
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -392,13 +389,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     }
 
+    let threads = args.threads.unwrap_or_default();
+    tracing::info!(model = %model_path.display(), %threads, "loading the model");
+    let model = crate::load(&model_path, threads)?;
+    if stop.load(Ordering::Relaxed) {
+        tracing::info!("stopped while the model loaded");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pins: Vec<(usize, u32)> = args
+        .pins
+        .iter()
+        .map(|spec| actuate::parse_pin(spec, &model.labels))
+        .collect::<Result<_, _>>()?;
+    let model_id = model.id();
+
     // With a state directory, what the host sends over the link goes to the updater.
     let updater = match store {
         Some(store) => {
             let policy = super::agent::policy(
                 args.trusted_key.as_deref(),
                 args.allow_downgrade,
-                crate::threads(args.threads),
+                threads,
                 // The pins are wired by label: a model with other labels is refused.
                 (!pins.is_empty()).then(|| model.labels.clone()),
             )?;
@@ -766,6 +777,7 @@ mod tests {
             (Some(640), Some(480), Some(921_600))
         );
         assert!(file.threshold.is_some() && file.smooth.is_some() && file.max_frames.is_some());
+        assert_eq!(file.threads, Some(Threads::auto()));
     }
 
     #[test]

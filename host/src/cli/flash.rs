@@ -78,13 +78,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     } else {
         Some(
-            petcam_device::infer::ExportedModel::from_bytes_with_threads(&image, &path, 1)
-                .with_context(|| {
-                    format!(
-                        "{} is not a model petcam-device can run (--no-local-check sends it anyway)",
-                        path.display()
-                    )
-                })?,
+            petcam_device::infer::ExportedModel::from_bytes(&image, &path).with_context(|| {
+                format!(
+                    "{} is not a model petcam-device can run (--no-local-check sends it anyway)",
+                    path.display()
+                )
+            })?,
         )
     };
     let version = match (&args.image_version, &model) {
