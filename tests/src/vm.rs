@@ -346,21 +346,8 @@ impl Running {
     /// Waits until a stderr line contains `needle` and returns that line; `None` when the VM
     /// ended (or `within` passed) without one.
     pub fn wait_for_stderr(&self, needle: &str, within: Duration) -> Option<String> {
-        let end = Instant::now() + within;
-        let mut text = self.stderr.0.lock().unwrap();
-        loop {
-            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-                return Some(line.to_owned());
-            }
-            let now = Instant::now();
-            let ended = self.stderr_thread.as_ref().is_none_or(|t| t.is_finished());
-            if now >= end || ended {
-                return None;
-            }
-            // Woken by every new line; the timeout also notices the VM ending.
-            let wait = (end - now).min(Duration::from_millis(200));
-            text = self.stderr.1.wait_timeout(text, wait).unwrap().0;
-        }
+        self.wait_for_stderr_after(0, |l| l.contains(needle), within)
+            .map(|(_, line)| line)
     }
 
     /// The host end of the guest's `/dev/ttyS1`, for a VM started with `--serial-pty`.
@@ -449,27 +436,9 @@ pub fn tiny_model() -> Option<&'static TinyModel> {
             }
             let dir = root.join(mine);
             let _ = std::fs::remove_dir_all(&dir);
-            let photos = dir.join("photos");
-            for class in ["cat", "dog"] {
-                crate::copy_first(&data.join("train").join(class), &photos.join(class), 6);
-            }
-            let out = dir.join("out");
-            let mut cmd = crate::train_and_export(&photos, &weights, &out, &dir.join("cache"));
-            // 128 px: inference under emulation takes about a second instead of three, and
-            // 6 + 6 photos still give confident decisions.
-            cmd.args([
-                "--val-fraction",
-                "0.3",
-                "--latency-runs",
-                "1",
-                "--input-size",
-                "128",
-            ]);
-            let done = crate::run(&mut cmd);
-            assert!(done.status.success(), "train-and-export failed");
             Some(TinyModel {
-                model: out.join("model.onnx"),
-                photos,
+                model: crate::train_tiny_model(&data, &weights, &dir),
+                photos: dir.join("photos"),
             })
         })
         .as_ref()
@@ -509,6 +478,7 @@ impl Running {
             if now >= end || ended {
                 return None;
             }
+            // Woken by every new line; the timeout also notices the VM ending.
             let wait = (end - now).min(Duration::from_millis(200));
             text = self.stderr.1.wait_timeout(text, wait).unwrap().0;
         }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use petcam_tests::{binary, copy_first, photos_and_weights, run, train_and_export};
+use petcam_tests::{binary, copy_first, photos_and_weights, run, train_tiny_model};
 
 /// A model, and frame-sized photos with the label `classify` gives each.
 struct Fixture {
@@ -29,24 +29,7 @@ fn build_fixture() -> Option<Fixture> {
     let (data, weights) = photos_and_weights()?;
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rpicam");
     let _ = std::fs::remove_dir_all(&dir);
-    let train = dir.join("train");
-    for class in ["cat", "dog"] {
-        copy_first(&data.join("train").join(class), &train.join(class), 6);
-    }
-    let out = dir.join("out");
-    let mut cmd = train_and_export(&train, &weights, &out, &dir.join("cache"));
-    // At 128 px the model is several times faster than a 30 fps stream even on a busy
-    // machine, so what is measured is the frames' way in, not the network.
-    cmd.args([
-        "--val-fraction",
-        "0.3",
-        "--latency-runs",
-        "1",
-        "--input-size",
-        "128",
-    ]);
-    assert!(run(&mut cmd).status.success());
-    let model = out.join("model.onnx");
+    let model = train_tiny_model(&data, &weights, &dir);
 
     // Photos the model has not seen, at the camera's size, classified by `classify`.
     let frames = dir.join("frames");
