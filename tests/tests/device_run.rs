@@ -228,6 +228,48 @@ fn the_device_reports_over_serial_waits_for_a_camera_and_stops_cleanly() {
 
     mjpeg_from_stdin_is_read_frame_by_frame(&model, &photos);
     sigterm_while_the_model_loads_is_a_clean_stop(&model, &photos);
+    self_test_holds_the_golden_inference_to_its_budget(&model, tmp.path());
+}
+
+/// `self-test --model` passes on the golden pair within the default budget; a budget the
+/// inference cannot meet fails it with the time it took, and a budget that is no time at all is
+/// refused.
+fn self_test_holds_the_golden_inference_to_its_budget(model: &Path, tmp: &Path) {
+    let self_test = |budget: Option<&str>| {
+        let mut cmd = Command::new(binary("petcam-device"));
+        cmd.arg("self-test")
+            .arg("--model")
+            .arg(model)
+            .arg("--state-dir")
+            .arg(tmp.join("no-state"));
+        if let Some(b) = budget {
+            cmd.args(["--latency-budget-ms", b]);
+        }
+        let out = run(&mut cmd);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = self_test(None);
+    assert_eq!(code, Some(0), "{stdout}");
+    let verdict: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(verdict["passed"], true, "{stdout}");
+
+    let (code, stdout, _) = self_test(Some("0.0001"));
+    assert_eq!(code, Some(1), "{stdout}");
+    let verdict: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(verdict["passed"], false, "{stdout}");
+    let reason = verdict["reason"].as_str().unwrap();
+    assert!(reason.contains("over the budget of 0 ms"), "{reason}");
+
+    let (code, _, stderr) = self_test(Some("0"));
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("--latency-budget-ms 0 is not a positive"),
+        "{stderr}"
+    );
 }
 
 /// SIGTERM that arrives while the model is still loading (as systemd's stop of a device just

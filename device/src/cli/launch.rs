@@ -67,6 +67,10 @@ pub struct SelfTestArgs {
     /// The model to test when the state directory has none.
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
+    /// A golden inference slower than this fails the test. On a Pi keep the default; under
+    /// emulation raise it by the emulator's slowdown (tools/arm-check measures it).
+    #[arg(long, value_name = "MS", default_value_t = 2000.0)]
+    pub latency_budget_ms: f64,
 }
 
 pub fn self_test(args: SelfTestArgs) -> anyhow::Result<ExitCode> {
@@ -80,7 +84,14 @@ pub fn self_test(args: SelfTestArgs) -> anyhow::Result<ExitCode> {
     };
     let bytes = std::fs::read(&path)
         .with_context(|| format!("cannot read the model {}", path.display()))?;
-    let policy = super::agent::policy(None, false, Threads::One, None)?;
+    if args.latency_budget_ms.is_nan() || args.latency_budget_ms <= 0.0 {
+        anyhow::bail!(
+            "--latency-budget-ms {} is not a positive number of milliseconds",
+            args.latency_budget_ms
+        );
+    }
+    let mut policy = super::agent::local_policy(Threads::One);
+    policy.latency_budget_ms = args.latency_budget_ms;
     match update::self_test(&bytes, &path, &policy) {
         Ok(model) => {
             println!(
