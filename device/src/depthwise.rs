@@ -503,14 +503,6 @@ fn for_each_tap(g: &DepthwiseConv, oy: usize, ox: usize, mut f: impl FnMut(usize
     }
 }
 
-/// The activation's bounds, infinite for none.
-fn bounds(activation: Activation) -> (f32, f32) {
-    match activation {
-        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
-        Activation::Clamp { min, max } => (min, max),
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hwc_row_avx2(
@@ -557,7 +549,7 @@ fn hwc_block<const FMA: bool>(
     n: usize,
     out: &mut [f32],
 ) {
-    let (lo, hi) = bounds(g.activation);
+    let (lo, hi) = g.activation.bounds();
     let mut acc = [0f32; BLOCK];
     acc[..n].copy_from_slice(&bias[first..first + n]);
     for_each_tap(g, oy, ox, |pixel, tap| {
@@ -581,7 +573,7 @@ mod neon {
         vdupq_n_f32, vfmaq_f32, vfmaq_n_f32, vld1q_f32, vmaxq_f32, vminq_f32, vst1q_f32,
     };
 
-    use super::{bounds, for_each_tap, hwc_block, DepthwiseConv, Taps};
+    use super::{for_each_tap, hwc_block, DepthwiseConv, Taps};
 
     /// 4 values of `v` from `at`.
     #[inline(always)]
@@ -637,7 +629,7 @@ mod neon {
         for_each_tap(g, oy, ox, |pixel, tap| {
             taps.add_neon::<L>(&mut acc, first, pixel, tap)
         });
-        let (lo, hi) = bounds(g.activation);
+        let (lo, hi) = g.activation.bounds();
         let out = &mut out[first..first + 4 * L];
         // SAFETY: NEON is part of the aarch64 baseline; `out` holds the 4 * L values written.
         unsafe {

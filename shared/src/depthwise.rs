@@ -46,7 +46,7 @@ impl Activation {
     /// The activation as a `[lo, hi]` clamp; `None` is the infinite range, which the comparisons
     /// in [`clamp`] leave every value (NaN included) unchanged by. Kernels clamp every output
     /// unconditionally instead of branching on the activation per value.
-    fn bounds(self) -> (f32, f32) {
+    pub fn bounds(self) -> (f32, f32) {
         match self {
             Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
             Activation::Clamp { min, max } => (min, max),
