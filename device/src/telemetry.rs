@@ -150,11 +150,12 @@ impl Drop for Telemetry {
 }
 
 fn open_serial(path: &Path, baud: u32) -> std::io::Result<serialport::TTYPort> {
-    serialport::new(path.to_string_lossy(), baud)
-        // A write that cannot finish within this is a stuck link; it is reopened.
-        .timeout(Duration::from_secs(2))
-        .open_native()
-        .map_err(|e| std::io::Error::other(format!("serial port {}: {e}", path.display())))
+    // A write that cannot finish within this is a stuck link; it is reopened.
+    Ok(petcam_shared::protocol::serial::open(
+        path,
+        baud,
+        Duration::from_secs(2),
+    )?)
 }
 
 /// Decodes what the host sends until the port fails, `stop` is set or nobody listens.

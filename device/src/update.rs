@@ -714,6 +714,9 @@ pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<ExportedM
 #[cfg(test)]
 mod tests {
     use super::*;
+    use petcam_shared::protocol::upload::{
+        drive, DriveError, MemoryLink, Noise, Transport, UploadConfig, UploadError, Uploader,
+    };
 
     fn entry(version: &str, bytes: &[u8]) -> Entry {
         Entry {
@@ -738,6 +741,140 @@ mod tests {
             "active file is not what its entry says"
         );
         bytes
+    }
+
+    /// What the device runs: each message from the link to its updater, and the reply back;
+    /// after `restart_at` bytes it restarts once, with a new updater on the same state folder.
+    fn device(
+        mut link: MemoryLink,
+        dir: PathBuf,
+        restart_at: u64,
+    ) -> std::thread::JoinHandle<Vec<Message>> {
+        let policy = Policy {
+            trusted_key: None,
+            allow_downgrade: false,
+            max_size: 1 << 20,
+            latency_budget_ms: 60_000.0,
+            threads: Threads::fixed(1),
+            required_labels: None,
+            firmware_version: "1".into(),
+            firmware_self_test_timeout: std::time::Duration::from_secs(5),
+        };
+        std::thread::spawn(move || {
+            let open = || Updater::new(Store::open(&dir).unwrap(), policy.clone()).unwrap();
+            let mut updater = open();
+            let mut restarted = false;
+            let mut replies = Vec::new();
+            while let Ok(Some(m)) = link.recv(std::time::Duration::from_secs(5)) {
+                let Some((reply, _)) = updater.handle(&m) else {
+                    continue;
+                };
+                link.send(&reply).unwrap();
+                replies.push(reply);
+                if !restarted
+                    && updater
+                        .status()
+                        .staged_model
+                        .is_some_and(|s| s.received >= restart_at)
+                {
+                    restarted = true;
+                    updater = open();
+                }
+            }
+            replies
+        })
+    }
+
+    /// `m` until the device answers it with an acknowledgement or a refusal, skipping the
+    /// echoes of chunks still in flight.
+    fn request(link: &mut MemoryLink, m: &Message, accept: impl Fn(&Message) -> bool) -> Message {
+        for _ in 0..50 {
+            link.send(m).unwrap();
+            while let Some(reply) = link.recv(std::time::Duration::from_millis(20)).unwrap() {
+                if accept(&reply) {
+                    return reply;
+                }
+            }
+        }
+        panic!("no answer to {m:?}");
+    }
+
+    #[test]
+    fn an_upload_survives_a_noisy_link_and_a_device_restart() {
+        let image: Vec<u8> = (0..300_000u32).map(|i| (i ^ (i >> 9)) as u8).collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let noise = Noise {
+            flip: 1e-5,
+            drop: 1e-5,
+        };
+        let (mut host, link) = MemoryLink::pair(noise, 7);
+        let device = device(link, tmp.path().to_owned(), image.len() as u64 / 2);
+        let begin = Message::Begin(Begin {
+            kind: ImageKind::Model,
+            size: image.len() as u64,
+            sha256: Sha256::digest(&image).into(),
+            version: "2".into(),
+            signature: Vec::new(),
+        });
+        let is_ack = |m: &Message| matches!(m, Message::Ack { .. });
+        let config = UploadConfig {
+            baud: 100_000_000,
+            initial_rtt: std::time::Duration::from_millis(1),
+            retries: 20,
+            ..UploadConfig::default()
+        };
+        let mut resumed_at = Vec::new();
+        for session in 0.. {
+            assert!(
+                session < 4,
+                "no progress after {session} sessions: {resumed_at:?}"
+            );
+            let Message::Ack { offset } = request(&mut host, &begin, is_ack) else {
+                unreachable!()
+            };
+            resumed_at.push(offset);
+            let mut uploader = Uploader::new(&image, offset, config);
+            match drive(&mut host, &mut uploader, |_| {}) {
+                Ok(_) => break,
+                Err(DriveError::Upload(UploadError::Dropped { acked })) => {
+                    assert!(acked >= offset, "went back from {offset} to {acked}");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // The restart cut the first session; the second resumed where the device's file ended,
+        // not at zero.
+        assert_eq!(resumed_at.len(), 2, "{resumed_at:?}");
+        assert!(resumed_at[1] >= image.len() as u64 / 2, "{resumed_at:?}");
+        let staged = fs::read(tmp.path().join("staging/model.part")).unwrap();
+        assert!(staged == image, "the staged bytes differ from the image");
+        // Commit checks the hash first: refusing the bytes as a model means they hashed right.
+        // (A resent Commit after a lost answer gets "no upload", so the device's own replies
+        // say how the first one ended.)
+        let is_answer = |m: &Message| match m {
+            Message::Nack(n) => n.reason != NackReason::BadOffset,
+            _ => false,
+        };
+        request(&mut host, &Message::Commit, is_answer);
+        drop(host);
+        let replies = device.join().unwrap();
+        // The noise made the device refuse out-of-order chunks, and the restart made it refuse
+        // chunks of the upload it had forgotten.
+        let refused = |reason| {
+            replies
+                .iter()
+                .filter(|m| matches!(m, Message::Nack(n) if n.reason == reason))
+                .count()
+        };
+        assert!(refused(NackReason::BadOffset) > 0, "the noise cost nothing");
+        assert!(refused(NackReason::NoUpload) > 0);
+        assert_eq!(
+            refused(NackReason::SelfTestFailed),
+            1,
+            "{:?}",
+            replies.last()
+        );
+        assert_eq!(refused(NackReason::HashMismatch), 0);
     }
 
     #[test]

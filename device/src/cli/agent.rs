@@ -193,10 +193,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .device_id
         .clone()
         .unwrap_or_else(crate::cli::run::host_name);
-    let mut port = serialport::new(args.port.to_string_lossy(), args.baud)
-        .timeout(Duration::from_millis(100))
-        .open_native()
-        .with_context(|| format!("cannot open the serial port {}", args.port.display()))?;
+    let mut port = protocol::serial::open(&args.port, args.baud, Duration::from_millis(100))?;
     let hello = |u: &Updater| {
         let model = u
             .store()

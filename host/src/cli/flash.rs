@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ed25519_dalek::Signer;
+use petcam_shared::protocol::upload::{
+    self, DriveError, Transport, UploadConfig, UploadError, Uploader,
+};
 use petcam_shared::protocol::{
-    self, Begin, Chunk, ImageKind, Message, Nack, NackReason, ProtocolError, Reassembler, Received,
-    Role, CHUNK_SIZE,
+    self, serial, Begin, ImageKind, Message, Nack, NackReason, ProtocolError, Reassembler,
+    Received, Role,
 };
 use petcam_shared::signing;
 use sha2::Digest;
@@ -235,16 +238,8 @@ fn reconnect(port: &Path, baud: u32, timeout: Duration) -> anyhow::Result<Link> 
     }
 }
 
-/// Chunks in flight before the first is acknowledged: enough to keep a UART with a few
-/// milliseconds of adapter latency busy (8 x 2048 bytes is 178 ms at 921600 baud).
-const WINDOW: usize = 8;
-
-/// Sends `image` from `offset` on: up to [`WINDOW`] chunks ahead of the last acknowledgement
-/// (go-back-N). The device writes chunks only in order and answers one that is not where it
-/// expects with the offset it holds, so a lost or damaged chunk makes the host go back there;
-/// a silence longer than the measured round trip makes it go back to the last acknowledged
-/// offset. On a lossy line chunks shrink (a damaged byte costs the whole frame) and grow back
-/// while they arrive. Returns the bytes written to the link.
+/// Sends `image` from `offset` on with the go-back-N [`Uploader`]; returns the bytes written
+/// to the link.
 fn send_window(
     link: &mut Link,
     image: &[u8],
@@ -253,105 +248,32 @@ fn send_window(
     retries: u32,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<u64> {
-    let total = image.len() as u64;
-    let mut acked = offset;
-    let mut next = offset;
-    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
-    let mut size = CHUNK_SIZE;
-    let (mut clean, mut failures) = (0u32, 0u32);
-    let mut rtt = Duration::from_millis(50);
-    let mut wire_bytes = 0u64;
-    // Where the last go-back went: further refusals naming it are echoes of chunks already
-    // in flight then, not news.
-    let mut went_back_to = None;
-    // Time for a chunk to cross the line at the port's speed (10 bits a byte).
-    let wire = |bytes: usize| Duration::from_secs_f64((bytes + 64) as f64 * 10.0 / baud as f64);
-    while acked < total {
-        while in_flight.len() < WINDOW && next < total {
-            let end = (next + size as u64).min(total);
-            let chunk = Message::Chunk(Chunk {
-                offset: next,
-                data: image[next as usize..end as usize].to_vec(),
-            });
-            wire_bytes += link.send(&chunk)?;
-            in_flight.push_back((end, Instant::now()));
-            next = end;
+    let config = UploadConfig {
+        baud,
+        retries,
+        ..UploadConfig::default()
+    };
+    let mut uploader = Uploader::new(image, offset, config);
+    let sent = upload::drive(link, &mut uploader, |acked| bar.set_position(acked));
+    link.resends += uploader.resends();
+    link.heartbeats += uploader.heartbeats();
+    let port = link.name.display();
+    match sent {
+        Ok(wire_bytes) => Ok(wire_bytes),
+        Err(DriveError::Transport(e)) => Err(e),
+        Err(DriveError::Upload(UploadError::Dropped { acked })) => bail!(
+            "the device on {port} dropped the upload at {acked} bytes (did it restart?); run \
+             petcam flash again: it resumes from what the device kept"
+        ),
+        Err(DriveError::Upload(UploadError::Refused(n))) => Err(refused(n)),
+        Err(DriveError::Upload(UploadError::NoAnswer { acked, tries })) => Err(NoAnswer {
+            port: port.to_string(),
+            what: format!("the chunk at {acked}"),
+            tries,
         }
-        let timeout = (rtt * 3 + wire(size) * 2 * WINDOW as u32 + Duration::from_millis(5))
-            * (1 << failures.min(5));
-        let reply = link.recv(timeout.min(Duration::from_secs(10)))?;
-        match reply {
-            Some(Message::Ack { offset: a }) if a > acked && a <= total => {
-                while let Some(&(end, sent_at)) = in_flight.front() {
-                    if end > a {
-                        break;
-                    }
-                    if end == a {
-                        rtt = (rtt * 7 + sent_at.elapsed()) / 8;
-                    }
-                    in_flight.pop_front();
-                }
-                acked = a;
-                failures = 0;
-                clean += 1;
-                if clean >= 16 && size < CHUNK_SIZE {
-                    size *= 2;
-                    clean = 0;
-                }
-                bar.set_position(acked);
-            }
-            Some(Message::Nack(Nack {
-                reason: NackReason::BadOffset,
-                expected_offset,
-                ..
-            })) => {
-                if went_back_to != Some(expected_offset) && expected_offset <= total {
-                    link.resends += 1;
-                    went_back_to = Some(expected_offset);
-                    acked = acked.max(expected_offset);
-                    next = expected_offset;
-                    in_flight.clear();
-                    size = (size / 2).max(MIN_CHUNK);
-                    clean = 0;
-                }
-            }
-            Some(Message::Nack(Nack {
-                reason: NackReason::NoUpload,
-                ..
-            })) => bail!(
-                "the device on {} dropped the upload at {acked} bytes (did it restart?); run \
-                 petcam flash again: it resumes from what the device kept",
-                link.name.display()
-            ),
-            Some(Message::Nack(n)) => return Err(refused(n)),
-            Some(Message::Heartbeat(_)) => link.heartbeats += 1,
-            // Stale acknowledgements and other telemetry.
-            Some(_) => {}
-            None => {
-                // Silence: everything in flight is presumed lost.
-                failures += 1;
-                if failures > retries {
-                    return Err(NoAnswer {
-                        port: link.name.display().to_string(),
-                        what: format!("the chunk at {acked}"),
-                        tries: failures,
-                    }
-                    .into());
-                }
-                link.resends += 1;
-                went_back_to = None;
-                next = acked;
-                in_flight.clear();
-                size = (size / 2).max(MIN_CHUNK);
-                clean = 0;
-            }
-        }
+        .into()),
     }
-    Ok(wire_bytes)
 }
-
-/// Smallest chunk sent on a bad line.
-const MIN_CHUNK: usize = 128;
 
 /// The device did not answer in time (as opposed to refusing).
 #[derive(Debug, thiserror::Error)]
@@ -391,7 +313,7 @@ struct Link {
 
 impl Link {
     fn open(path: &Path, baud: u32) -> anyhow::Result<Self> {
-        let port = open_port(path, baud, Duration::from_millis(20))?;
+        let port = serial::open(path, baud, Duration::from_millis(20))?;
         // Whatever waits in the port's buffer answers an earlier session.
         let _ = serialport::SerialPort::clear(&port, serialport::ClearBuffer::Input);
         Ok(Self {
@@ -551,6 +473,19 @@ impl Link {
     }
 }
 
+/// The uploader sends chunks through the same framing and version check as every exchange.
+impl Transport for Link {
+    type Error = anyhow::Error;
+
+    fn send(&mut self, m: &Message) -> anyhow::Result<u64> {
+        Link::send(self, m)
+    }
+
+    fn recv(&mut self, timeout: Duration) -> anyhow::Result<Option<Message>> {
+        Link::recv(self, timeout)
+    }
+}
+
 fn refused(n: Nack) -> anyhow::Error {
     let what = match n.reason {
         NackReason::Unsigned => "refused an unsigned upload (sign it with --key NAME.key)",
@@ -565,85 +500,4 @@ fn refused(n: Nack) -> anyhow::Error {
         _ => "refused the upload",
     };
     anyhow::anyhow!("the device {what}: {}", n.detail)
-}
-
-/// Opens a serial port, or says why not: a missing port lists the ones there are, a busy one
-/// the processes that hold it.
-pub(crate) fn open_port(
-    path: &Path,
-    baud: u32,
-    timeout: Duration,
-) -> anyhow::Result<serialport::TTYPort> {
-    if !path.exists() {
-        bail!(
-            "serial port {} does not exist; serial ports here: {}",
-            path.display(),
-            serial_ports().join(", ")
-        );
-    }
-    serialport::new(path.to_string_lossy(), baud)
-        .timeout(timeout)
-        .open_native()
-        .map_err(|e| {
-            let holders = holders(path);
-            if holders.is_empty() {
-                anyhow::anyhow!("cannot open the serial port {}: {e}", path.display())
-            } else {
-                anyhow::anyhow!(
-                    "cannot open the serial port {}: {e}; it is held by {}",
-                    path.display(),
-                    holders.join(", ")
-                )
-            }
-        })
-}
-
-/// Serial devices present, for an error message.
-fn serial_ports() -> Vec<String> {
-    let mut found: Vec<String> = std::fs::read_dir("/dev")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().display().to_string())
-        .filter(|p| {
-            [
-                "/dev/ttyUSB",
-                "/dev/ttyACM",
-                "/dev/ttyAMA",
-                "/dev/ttyS0",
-                "/dev/serial",
-            ]
-            .iter()
-            .any(|pre| p.starts_with(pre))
-        })
-        .collect();
-    found.sort();
-    if found.is_empty() {
-        found.push("none".into());
-    }
-    found
-}
-
-/// Processes that have `path` open (from /proc; empty where that cannot be read).
-fn holders(path: &Path) -> Vec<String> {
-    let Ok(target) = std::fs::canonicalize(path) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let pid = proc_dir.file_name().to_string_lossy().to_string();
-        if !pid.chars().all(|c| c.is_ascii_digit()) {
-            continue;
-        }
-        let holds = std::fs::read_dir(proc_dir.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target));
-        if holds {
-            let comm = std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
-            out.push(format!("{} (pid {pid})", comm.trim()));
-        }
-    }
-    out
 }

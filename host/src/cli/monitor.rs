@@ -145,7 +145,11 @@ fn is_transient(e: &std::io::Error) -> bool {
 }
 
 fn open(path: &Path, baud: u32) -> anyhow::Result<TTYPort> {
-    super::flash::open_port(path, baud, READ_TIMEOUT)
+    Ok(petcam_shared::protocol::serial::open(
+        path,
+        baud,
+        READ_TIMEOUT,
+    )?)
 }
 
 /// The variant name and its fields, from serde's externally tagged form of a message:

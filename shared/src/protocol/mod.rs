@@ -33,8 +33,12 @@ mod message;
 #[cfg(feature = "std")]
 mod port;
 mod reassembler;
+#[cfg(feature = "serial")]
+pub mod serial;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "std")]
+pub mod upload;
 
 pub use error::ProtocolError;
 pub use frame::{decode_frame, encode, encode_into};
