@@ -66,7 +66,7 @@ fn run_device(
     let child = Command::new(binary("petcam-device"))
         .arg("run")
         .args(args)
-        .arg("--serial")
+        .arg("--port")
         .arg(slave)
         .arg("--json")
         .stdout(Stdio::piped())

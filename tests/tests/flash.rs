@@ -406,7 +406,7 @@ fn a_model_flashed_to_a_running_device_takes_over_without_a_restart() {
         .arg("--model")
         .arg(&m1)
         .arg(format!("--source=dir:{}", photos.display()))
-        .arg("--serial")
+        .arg("--port")
         .arg(&device_port)
         .arg("--state-dir")
         .arg(&state)

@@ -447,7 +447,7 @@ fn a_camera_unplugged_and_plugged_in_again_is_reopened() {
     // classified, and the 2 in the queue. A 5th classified frame came from the new camera.
     let script = format!(
         r#"mkfifo /tmp/ev
-{RUN} --source camera:/dev/video0 --threshold 0 --serial /dev/ttyS1 --baud 115200 > /tmp/ev 2> run.err &
+{RUN} --source camera:/dev/video0 --threshold 0 --port /dev/ttyS1 --baud 115200 > /tmp/ev 2> run.err &
 pid=$!
 step=0
 unavailable=0

@@ -145,7 +145,7 @@ fn telemetry_from_the_guest_uart_is_decoded_by_petcam_monitor() {
         .args(["--serial-pty"])
         .spawn(&format!(
             "./petcam-device run --model model.onnx --source mjpeg:frames.mjpeg --threads 1 \
-         --smooth 1 --threshold 0.5 --serial /dev/ttyS1 --baud {BAUD} \
+         --smooth 1 --threshold 0.5 --port /dev/ttyS1 --baud {BAUD} \
          --device-id vm-telemetry --json"
         ));
     let pty = running.serial_pty();

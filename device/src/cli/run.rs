@@ -96,16 +96,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     max_frames: Option<u64>,
     /// Send telemetry (postcard frames) on this serial port, e.g. /dev/ttyAMA0 or /dev/ttyUSB0;
-    /// it is reopened if it disappears.
-    #[arg(long, value_name = "PORT")]
-    serial: Option<PathBuf>,
+    /// it is reopened if it disappears. (`--serial`, and `serial` in the file, are older names
+    /// of this option.)
+    #[arg(long, alias = "serial", value_name = "PORT")]
+    #[serde(alias = "serial")]
+    port: Option<PathBuf>,
     /// Serial speed [default: 921600, as `petcam flash` and `petcam monitor` use].
     #[arg(long, value_name = "BAUD")]
     baud: Option<u32>,
     /// This device's name in telemetry [default: the host name].
     #[arg(long, value_name = "NAME")]
     device_id: Option<String>,
-    /// Accept models flashed over --serial (`petcam flash`) into this directory, and run the
+    /// Accept models flashed over --port (`petcam flash`) into this directory, and run the
     /// last one flashed there instead of --model; a new one takes over without a restart.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -160,7 +162,7 @@ impl RunArgs {
             gpio_chip: self.gpio_chip.or(file.gpio_chip),
             threads: self.threads.or(file.threads),
             max_frames: self.max_frames.or(file.max_frames),
-            serial: self.serial.or(file.serial),
+            port: self.port.or(file.port),
             baud: self.baud.or(file.baud),
             device_id: self.device_id.or(file.device_id),
             state_dir: self.state_dir.or(file.state_dir),
@@ -421,7 +423,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let (inbox_tx, inbox) = mpsc::channel();
-    let telemetry = args.serial.as_ref().map(|port| {
+    let telemetry = args.port.as_ref().map(|port| {
         let hello = protocol::Hello::new(
             Role::Device,
             args.device_id.clone().unwrap_or_else(host_name),
@@ -437,7 +439,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     drop(inbox_tx);
     if updater.is_some() && telemetry.is_none() {
-        tracing::warn!("--state-dir without --serial: nothing can be flashed");
+        tracing::warn!("--state-dir without --port: nothing can be flashed");
     }
     let reporter = Arc::new(Reporter {
         json: args.json,
@@ -771,13 +773,33 @@ mod tests {
             .join("\n");
         let file: RunArgs = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
         assert_eq!(file.gpio_chip, Some("/dev/gpiochip0".into()));
-        assert_eq!(file.serial, Some("/dev/serial0".into()));
+        assert_eq!(file.port, Some("/dev/serial0".into()));
         assert_eq!(
             (file.width, file.height, file.baud),
             (Some(640), Some(480), Some(921_600))
         );
         assert!(file.threshold.is_some() && file.smooth.is_some() && file.max_frames.is_some());
         assert_eq!(file.threads, Some(Threads::auto()));
+    }
+
+    /// `run` names its port as `agent`, `flash` and `monitor` do; unit files and configs
+    /// written with the older name keep working.
+    #[test]
+    fn the_port_keeps_its_older_name_as_an_alias() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        for flag in ["--port", "--serial"] {
+            let cli = Cli::try_parse_from(["run", flag, "/dev/ttyUSB0"]).unwrap();
+            assert_eq!(cli.run.port, Some("/dev/ttyUSB0".into()), "{flag}");
+        }
+        for key in ["port", "serial"] {
+            let file: RunArgs = toml::from_str(&format!("{key} = \"/dev/ttyAMA0\"")).unwrap();
+            assert_eq!(file.port, Some("/dev/ttyAMA0".into()), "{key}");
+        }
     }
 
     #[test]

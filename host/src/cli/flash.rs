@@ -401,7 +401,7 @@ impl Link {
             }
         }
         bail!(
-            "no answer from a petcam device on {} within {} s: is `petcam-device agent` (or `run --serial`) running there, at the same --baud?",
+            "no answer from a petcam device on {} within {} s: is `petcam-device agent` (or `run --port`) running there, at the same --baud?",
             self.name.display(),
             retries.min(3) + 1
         )
