@@ -715,7 +715,8 @@ pub fn self_test(bytes: &[u8], path: &Path, policy: &Policy) -> Result<ExportedM
 mod tests {
     use super::*;
     use petcam_shared::protocol::upload::{
-        drive, DriveError, MemoryLink, Noise, Transport, UploadConfig, UploadError, Uploader,
+        drive, request, DriveError, MemoryLink, Noise, RequestError, Retry, Transport,
+        UploadConfig, UploadError, Uploader,
     };
 
     fn entry(version: &str, bytes: &[u8]) -> Entry {
@@ -785,19 +786,11 @@ mod tests {
         })
     }
 
-    /// `m` until the device answers it with an acknowledgement or a refusal, skipping the
-    /// echoes of chunks still in flight.
-    fn request(link: &mut MemoryLink, m: &Message, accept: impl Fn(&Message) -> bool) -> Message {
-        for _ in 0..50 {
-            link.send(m).unwrap();
-            while let Some(reply) = link.recv(std::time::Duration::from_millis(20)).unwrap() {
-                if accept(&reply) {
-                    return reply;
-                }
-            }
-        }
-        panic!("no answer to {m:?}");
-    }
+    /// Retries as the host's `flash` does, with waits to suit an in-memory link.
+    const RETRY: Retry = Retry {
+        retries: 50,
+        timeout: std::time::Duration::from_millis(20),
+    };
 
     #[test]
     fn an_upload_survives_a_noisy_link_and_a_device_restart() {
@@ -816,7 +809,6 @@ mod tests {
             version: "2".into(),
             signature: Vec::new(),
         });
-        let is_ack = |m: &Message| matches!(m, Message::Ack { .. });
         let config = UploadConfig {
             baud: 100_000_000,
             initial_rtt: std::time::Duration::from_millis(1),
@@ -829,9 +821,7 @@ mod tests {
                 session < 4,
                 "no progress after {session} sessions: {resumed_at:?}"
             );
-            let Message::Ack { offset } = request(&mut host, &begin, is_ack) else {
-                unreachable!()
-            };
+            let offset = request(&mut host, &begin, RETRY, None, |_| {}).unwrap();
             resumed_at.push(offset);
             let mut uploader = Uploader::new(&image, offset, config);
             match drive(&mut host, &mut uploader, |_| {}) {
@@ -851,11 +841,12 @@ mod tests {
         // Commit checks the hash first: refusing the bytes as a model means they hashed right.
         // (A resent Commit after a lost answer gets "no upload", so the device's own replies
         // say how the first one ended.)
-        let is_answer = |m: &Message| match m {
-            Message::Nack(n) => n.reason != NackReason::BadOffset,
-            _ => false,
-        };
-        request(&mut host, &Message::Commit, is_answer);
+        let stale = Some(image.len() as u64);
+        let answer = request(&mut host, &Message::Commit, RETRY, stale, |_| {});
+        assert!(
+            matches!(answer, Err(RequestError::Refused(_))),
+            "{answer:?}"
+        );
         drop(host);
         let replies = device.join().unwrap();
         // The noise made the device refuse out-of-order chunks, and the restart made it refuse

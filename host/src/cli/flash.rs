@@ -407,10 +407,8 @@ impl Link {
         )
     }
 
-    /// Sends `m` until the device acknowledges it; the acknowledged offset. Refusals that only
-    /// a chunk can get are echoes of chunks sent earlier, not answers to `m`: chunks of an
-    /// earlier session (no upload in progress), and chunks sent twice (the device holds
-    /// `stale`, everything).
+    /// Sends `m` until the device acknowledges it ([`upload::request`]); the acknowledged
+    /// offset. `stale` is the offset a chunk sent twice is refused with.
     fn exchange(
         &mut self,
         m: &Message,
@@ -419,41 +417,29 @@ impl Link {
         what: &str,
         stale: Option<u64>,
     ) -> anyhow::Result<u64> {
-        let mut wait = timeout;
-        for attempt in 0..=retries {
-            if attempt > 0 {
-                self.resends += 1;
+        let (mut resends, mut heartbeats) = (0, 0);
+        let retry = upload::Retry { retries, timeout };
+        let answer = upload::request(self, m, retry, stale, |event| match event {
+            upload::Event::Resend { attempt } => {
+                resends += 1;
                 tracing::debug!(attempt, what, "no reply; sending again");
             }
-            self.send(m)?;
-            let deadline = Instant::now() + wait;
-            while let Some(reply) = self.recv(deadline.saturating_duration_since(Instant::now()))? {
-                match reply {
-                    Message::Ack { offset } => return Ok(offset),
-                    Message::Nack(Nack {
-                        reason: NackReason::BadOffset,
-                        expected_offset,
-                        ..
-                    }) if Some(expected_offset) == stale => {}
-                    Message::Nack(Nack {
-                        reason: NackReason::NoUpload,
-                        ..
-                    }) if matches!(m, Message::Begin(_)) => {}
-                    Message::Nack(n) => return Err(refused(n)),
-                    Message::Heartbeat(_) => self.heartbeats += 1,
-                    // Other telemetry and stale replies are not answers to this message.
-                    _ => {}
-                }
+            upload::Event::Other(Message::Heartbeat(_)) => heartbeats += 1,
+            // Other telemetry and stale replies are not answers to this message.
+            upload::Event::Other(_) => {}
+        });
+        self.resends += resends;
+        self.heartbeats += heartbeats;
+        answer.map_err(|e| match e {
+            upload::RequestError::Transport(e) => e,
+            upload::RequestError::Refused(n) => refused(n),
+            upload::RequestError::NoAnswer { tries } => NoAnswer {
+                port: self.name.display().to_string(),
+                what: what.to_owned(),
+                tries,
             }
-            // Growing waits: a busy device or a noisy line gets time to recover.
-            wait = (wait * 2).min(Duration::from_secs(8).max(timeout));
-        }
-        Err(NoAnswer {
-            port: self.name.display().to_string(),
-            what: what.to_owned(),
-            tries: retries + 1,
-        }
-        .into())
+            .into(),
+        })
     }
 
     fn status(&mut self, retries: u32) -> anyhow::Result<protocol::Status> {

@@ -301,6 +301,98 @@ pub fn drive<T: Transport>(
     Ok(wire_bytes)
 }
 
+/// How [`request`] repeats a control message (`Begin`, `Commit`) until it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Sends after the first.
+    pub retries: u32,
+    /// Wait for the first answer. Each silence doubles it, up to [`MAX_WAIT`] (or `timeout`,
+    /// when longer): a busy device or a noisy line gets time to recover.
+    pub timeout: Duration,
+}
+
+/// Longest wait [`request`] grows to between sends.
+pub const MAX_WAIT: Duration = Duration::from_secs(8);
+
+/// What [`request`] tells its observer while it waits.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// No answer came; the message goes out again (`attempt` counts from 1).
+    Resend { attempt: u32 },
+    /// A message that is not an answer: telemetry, or an echo of an earlier chunk.
+    Other(&'a Message),
+}
+
+/// Why [`request`] got no acknowledgement.
+#[derive(Debug)]
+pub enum RequestError<E> {
+    Transport(E),
+    /// The peer refused the message.
+    Refused(Nack),
+    /// No answer to any of `tries` sends.
+    NoAnswer {
+        tries: u32,
+    },
+}
+
+impl<E: fmt::Display> fmt::Display for RequestError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Transport(e) => e.fmt(f),
+            Self::Refused(n) => write!(f, "refused ({:?}): {}", n.reason, n.detail),
+            Self::NoAnswer { tries } => write!(f, "no answer to {tries} sends"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> core::error::Error for RequestError<E> {}
+
+/// Sends `message` until the peer acknowledges it; the acknowledged offset.
+///
+/// Refusals that only a chunk can get are echoes of chunks sent earlier, not answers to
+/// `message`: chunks of an earlier session ("no upload in progress", to a `Begin`), and chunks
+/// sent twice ("bad offset" expecting `stale`: the device holds everything). Those, telemetry
+/// and every resend go to `observe`.
+pub fn request<T: Transport>(
+    transport: &mut T,
+    message: &Message,
+    retry: Retry,
+    stale: Option<u64>,
+    mut observe: impl FnMut(Event<'_>),
+) -> Result<u64, RequestError<T::Error>> {
+    let mut wait = retry.timeout;
+    for attempt in 0..=retry.retries {
+        if attempt > 0 {
+            observe(Event::Resend { attempt });
+        }
+        transport.send(message).map_err(RequestError::Transport)?;
+        let deadline = Instant::now() + wait;
+        while let Some(reply) = transport
+            .recv(deadline.saturating_duration_since(Instant::now()))
+            .map_err(RequestError::Transport)?
+        {
+            match reply {
+                Message::Ack { offset } => return Ok(offset),
+                Message::Nack(Nack {
+                    reason: NackReason::BadOffset,
+                    expected_offset,
+                    ..
+                }) if Some(expected_offset) == stale => observe(Event::Other(&reply)),
+                Message::Nack(Nack {
+                    reason: NackReason::NoUpload,
+                    ..
+                }) if matches!(message, Message::Begin(_)) => observe(Event::Other(&reply)),
+                Message::Nack(n) => return Err(RequestError::Refused(n)),
+                other => observe(Event::Other(&other)),
+            }
+        }
+        wait = (wait * 2).min(MAX_WAIT.max(retry.timeout));
+    }
+    Err(RequestError::NoAnswer {
+        tries: retry.retries + 1,
+    })
+}
+
 pub use memory::{MemoryLink, Noise};
 
 mod memory {
