@@ -32,19 +32,7 @@ fn exported_model(c: &mut Criterion) {
             .collect(),
         bias: vec![0.1, -0.1],
     };
-    let input = metadata::InputSpec {
-        name: onnx::INPUT_NAME.into(),
-        width: 224,
-        height: 224,
-        channels: 3,
-        layout: "NHWC".into(),
-        dtype: "uint8".into(),
-        color: "RGB".into(),
-        resize: metadata::RESIZE_BILINEAR_AA.into(),
-        mean: 127.0,
-        std: 128.0,
-        mirror_average: false,
-    };
+    let input = onnx::input_spec(&net, false);
     let meta = vec![
         (metadata::LABELS.to_owned(), r#"["cat","dog"]"#.to_owned()),
         (
@@ -74,7 +62,11 @@ fn exported_model(c: &mut Criterion) {
         QuantizeForm::Int8,
     ] {
         let path = dir.path().join(format!("{}.onnx", form.name()));
-        let proto = onnx::build_model(&net, &head, form, Some(&cal), &meta, false).unwrap();
+        let spec = onnx::GraphSpec {
+            form: onnx::Form::new(form, &cal),
+            mirror_average: false,
+        };
+        let proto = onnx::build_model(&net, &head, spec, &meta).unwrap();
         let bytes = onnx::write_model(&proto, &path).unwrap();
         eprintln!("{}: {bytes} bytes", form.name());
         let model = ExportedModel::load(&path).unwrap();

@@ -10,6 +10,7 @@ pub mod features;
 pub mod finetune;
 pub mod head;
 pub mod model;
+pub mod pipeline;
 pub mod report;
 pub mod test_support;
 pub mod train;

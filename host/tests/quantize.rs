@@ -57,19 +57,7 @@ fn fixture() -> Option<Fixture> {
     let candle_probs = (0..val.len())
         .map(|i| head.probabilities(val.row(i)))
         .collect();
-    let input = metadata::InputSpec {
-        name: onnx::INPUT_NAME.into(),
-        width: 224,
-        height: 224,
-        channels: 3,
-        layout: "NHWC".into(),
-        dtype: "uint8".into(),
-        color: "RGB".into(),
-        resize: metadata::RESIZE_BILINEAR_AA.into(),
-        mean: backbone.normalization.mean,
-        std: backbone.normalization.std,
-        mirror_average: false,
-    };
+    let input = onnx::input_spec(&backbone, false);
     let meta = vec![
         (metadata::LABELS.into(), r#"["cat","dog"]"#.into()),
         (
@@ -105,6 +93,17 @@ fn calibration(f: &Fixture) -> calibrate::Calibration {
     .unwrap()
 }
 
+fn spec(
+    form: QuantizeForm,
+    cal: &calibrate::Calibration,
+    mirror_average: bool,
+) -> onnx::GraphSpec<'_> {
+    onnx::GraphSpec {
+        form: onnx::Form::new(form, cal),
+        mirror_average,
+    }
+}
+
 fn load(proto: &tract_onnx::pb::ModelProto, name: &str) -> ExportedModel {
     use prost::Message;
     ExportedModel::from_bytes(&proto.encode_to_vec(), std::path::Path::new(name)).unwrap()
@@ -129,7 +128,7 @@ fn every_form_round_trips_through_export_and_tract() {
     let cal = calibration(&f);
     let build = |form| {
         let proto =
-            onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta, false).unwrap();
+            onnx::build_model(&f.backbone, &f.head, spec(form, &cal, false), &f.meta).unwrap();
         let bytes = {
             use prost::Message;
             proto.encoded_len()
@@ -202,10 +201,8 @@ fn a_model_with_a_zeroed_scale_is_refused_by_verification() {
         &onnx::build_model(
             &f.backbone,
             &f.head,
-            QuantizeForm::None,
-            None,
+            spec(QuantizeForm::None, &cal, false),
             &f.meta,
-            false,
         )
         .unwrap(),
         "float",
@@ -213,7 +210,7 @@ fn a_model_with_a_zeroed_scale_is_refused_by_verification() {
     let img = dataset::load_input(&f.val.paths[0], 224, 224).unwrap();
     for form in [QuantizeForm::Int8Weights, QuantizeForm::Int8] {
         let mut proto =
-            onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta, false).unwrap();
+            onnx::build_model(&f.backbone, &f.head, spec(form, &cal, false), &f.meta).unwrap();
         // The intact model passes.
         let good = load(&proto, form.name());
         let v =
@@ -265,7 +262,7 @@ fn a_mirror_averaging_model_is_the_mean_of_the_photo_and_its_mirror() {
     ] {
         let build = |mirror| {
             let proto =
-                onnx::build_model(&f.backbone, &f.head, form, Some(&cal), &f.meta, mirror).unwrap();
+                onnx::build_model(&f.backbone, &f.head, spec(form, &cal, mirror), &f.meta).unwrap();
             load(&proto, form.name())
         };
         let (plain, mirrored) = (build(false), build(true));

@@ -38,12 +38,9 @@ pub struct InputSpec {
     pub width: u32,
     pub height: u32,
     pub channels: u32,
-    /// Always `NHWC` (batch, height, width, channel) with batch 1.
-    pub layout: String,
-    /// Always `uint8`.
-    pub dtype: String,
-    /// Channel order, `RGB`.
-    pub color: String,
+    pub layout: Layout,
+    pub dtype: DType,
+    pub color: Color,
     /// How a frame of any size becomes `width` x `height`: [`RESIZE_BILINEAR_AA`], no crop.
     pub resize: String,
     /// `x = (pixel - mean) / std`, applied inside the graph.
@@ -53,6 +50,75 @@ pub struct InputSpec {
     /// work of one inference). Absent (false) otherwise.
     #[serde(default, skip_serializing_if = "is_false")]
     pub mirror_average: bool,
+}
+
+impl InputSpec {
+    /// The input every petcam export takes: `size` x `size` RGB bytes, NHWC, resized with
+    /// [`RESIZE_BILINEAR_AA`].
+    pub fn rgb_bytes(name: &str, size: u32, mean: f32, std: f32, mirror_average: bool) -> Self {
+        Self {
+            name: name.into(),
+            width: size,
+            height: size,
+            channels: 3,
+            layout: Layout::Nhwc,
+            dtype: DType::Uint8,
+            color: Color::Rgb,
+            resize: RESIZE_BILINEAR_AA.into(),
+            mean,
+            std,
+            mirror_average,
+        }
+    }
+}
+
+/// Axis order of the input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    /// Batch (1), height, width, channel.
+    #[serde(rename = "NHWC")]
+    Nhwc,
+}
+
+/// Element type of the input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DType {
+    #[serde(rename = "uint8")]
+    Uint8,
+}
+
+/// Channel order of the input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Color {
+    #[serde(rename = "RGB")]
+    Rgb,
+}
+
+macro_rules! names {
+    ($($ty:ty { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
+        impl $ty {
+            /// The name written into the model file (and shown by `petcam inspect`).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name),+
+                }
+            }
+        }
+
+        impl core::fmt::Display for $ty {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    )+};
+}
+
+names! {
+    Layout { Nhwc => "NHWC" }
+    DType { Uint8 => "uint8" }
+    Color { Rgb => "RGB" }
+    QuantizationForm { None => "none", Int8Weights => "int8-weights", Int8 => "int8" }
+    CalibrationMethod { MinMax => "min-max", Percentile => "percentile" }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -77,17 +143,40 @@ fn is_zero(n: &u32) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuantizationSpec {
-    /// `none`, `int8-weights` or `int8`.
-    pub form: String,
+    pub form: QuantizationForm,
     /// How `int8` activation ranges were chosen; absent for the other forms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationSpec>,
 }
 
+/// How the model stores its numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuantizationForm {
+    /// Float32 weights and activations.
+    #[serde(rename = "none")]
+    None,
+    /// Per-channel int8 weights restored to float at load, float activations.
+    #[serde(rename = "int8-weights")]
+    Int8Weights,
+    /// int8 weights and u8 activations (QLinearConv, QLinearMatMul).
+    #[serde(rename = "int8")]
+    Int8,
+}
+
+/// How `int8` activation ranges were chosen from the calibration values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CalibrationMethod {
+    /// Every value inside the range.
+    #[serde(rename = "min-max")]
+    MinMax,
+    /// The rarest values at each end saturate.
+    #[serde(rename = "percentile")]
+    Percentile,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationSpec {
-    /// `min-max` or `percentile`.
-    pub method: String,
+    pub method: CalibrationMethod,
     /// Training photos the float model ran over.
     pub images: u32,
 }
@@ -104,20 +193,49 @@ pub struct Golden {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
+
+    /// `petcam.input` and `petcam.quantization` as a model exported before these fields were
+    /// enums wrote them: they still load, and are written back byte for byte.
+    #[test]
+    fn metadata_of_older_models_loads_and_round_trips() {
+        let input = r#"{"name":"image","width":128,"height":128,"channels":3,"layout":"NHWC","dtype":"uint8","color":"RGB","resize":"bilinear-antialias","mean":127.0,"std":128.0}"#;
+        let spec: InputSpec = serde_json::from_str(input).unwrap();
+        assert_eq!(
+            spec,
+            InputSpec::rgb_bytes("image", 128, 127.0, 128.0, false)
+        );
+        assert_eq!(serde_json::to_string(&spec).unwrap(), input);
+        let quantization = r#"{"form":"int8","calibration":{"method":"percentile","images":10}}"#;
+        let q: QuantizationSpec = serde_json::from_str(quantization).unwrap();
+        assert_eq!(q.form, QuantizationForm::Int8);
+        assert_eq!(
+            q.calibration.as_ref().unwrap().method,
+            CalibrationMethod::Percentile
+        );
+        assert_eq!(serde_json::to_string(&q).unwrap(), quantization);
+        // The names the enums print are the names in the file.
+        assert_eq!(spec.layout.name(), "NHWC");
+        assert_eq!(QuantizationForm::Int8Weights.to_string(), "int8-weights");
+        assert_eq!(CalibrationMethod::MinMax.name(), "min-max");
+        // A layout petcam never wrote is refused, not guessed.
+        let nchw = input.replace("NHWC", "NCHW");
+        assert!(serde_json::from_str::<InputSpec>(&nchw).is_err());
+    }
 
     #[test]
     fn quantization_spec_reads_models_without_calibration() {
         let old: QuantizationSpec = serde_json::from_str(r#"{"form":"int8-weights"}"#).unwrap();
-        assert_eq!(old.form, "int8-weights");
+        assert_eq!(old.form, QuantizationForm::Int8Weights);
         assert_eq!(old.calibration, None);
         assert_eq!(
             serde_json::to_string(&old).unwrap(),
             r#"{"form":"int8-weights"}"#
         );
         let int8 = QuantizationSpec {
-            form: "int8".into(),
+            form: QuantizationForm::Int8,
             calibration: Some(CalibrationSpec {
-                method: "percentile".into(),
+                method: CalibrationMethod::Percentile,
                 images: 200,
             }),
         };

@@ -37,7 +37,7 @@ pub struct Args {
 struct ModelBench {
     model: String,
     bytes: u64,
-    quantization: Option<String>,
+    quantization: Option<petcam_shared::metadata::QuantizationForm>,
     load_ms: f64,
     latency: Latency,
     /// p50 over the first model's p50.
@@ -128,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "{}  {}  {:.2} MB  load {:.0} ms  p50 {:.2} ms  p90 {:.2} ms  mean {:.2} ms  ({:.2}x)",
             b.model,
-            b.quantization.as_deref().unwrap_or("?"),
+            b.quantization.map_or("?", |q| q.name()),
             b.bytes as f64 / 1e6,
             b.load_ms,
             b.latency.p50_ms,

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use image::RgbImage;
+use petcam_shared::metadata::CalibrationMethod;
 use rayon::prelude::*;
 
 use crate::backbone::Backbone;
@@ -37,9 +38,15 @@ pub enum RangeMethod {
 
 impl RangeMethod {
     pub fn name(self) -> &'static str {
-        match self {
-            Self::MinMax => "min-max",
-            Self::Percentile => "percentile",
+        CalibrationMethod::from(self).name()
+    }
+}
+
+impl From<RangeMethod> for CalibrationMethod {
+    fn from(method: RangeMethod) -> Self {
+        match method {
+            RangeMethod::MinMax => Self::MinMax,
+            RangeMethod::Percentile => Self::Percentile,
         }
     }
 }

@@ -20,6 +20,7 @@ use super::calibrate::{Calibration, CalibrationError, HEAD_MATMUL};
 use super::quantize::{affine_u8, conv_int8, per_channel_int8, QuantizeForm};
 use crate::backbone::{Activation, Backbone, Conv};
 use crate::head::HeadWeights;
+use petcam_shared::metadata;
 
 pub const OPSET: i64 = 13;
 pub const INPUT_NAME: &str = "image";
@@ -29,8 +30,6 @@ pub const OUTPUT_NAME: &str = "probabilities";
 pub enum OnnxError {
     #[error("cannot read a weight tensor for export: {0}")]
     Tensor(#[from] candle_core::Error),
-    #[error("--quantize int8 needs calibration ranges")]
-    NoCalibration,
     #[error(transparent)]
     Calibration(#[from] CalibrationError),
     #[error("head expects {head} features but the backbone gives {backbone}")]
@@ -486,18 +485,65 @@ fn float_body(
     Ok(g.node("Gemm", &[&x, &w, &b], vec![attr_int("transB", 1)], None))
 }
 
-/// The complete model: graph plus `metadata_props` (key, value) in the given order, with its
-/// weights stored as `form` says. `--quantize int8` needs the activation ranges of
-/// `calibration`. With `mirror_average` the output is the mean of the probabilities of the
-/// image and of its mirror image.
+/// How the graph stores its numbers, with what each form needs: int8 arithmetic needs the
+/// activation ranges of a calibration.
+#[derive(Debug, Clone, Copy)]
+pub enum Form<'a> {
+    Float,
+    Int8Weights,
+    Int8(&'a Calibration),
+}
+
+impl<'a> Form<'a> {
+    /// The form `--quantize` names; `calibration` is used by `int8` only.
+    pub fn new(form: QuantizeForm, calibration: &'a Calibration) -> Self {
+        match form {
+            QuantizeForm::None => Self::Float,
+            QuantizeForm::Int8Weights => Self::Int8Weights,
+            QuantizeForm::Int8 => Self::Int8(calibration),
+        }
+    }
+
+    pub fn quantize_form(self) -> QuantizeForm {
+        match self {
+            Self::Float => QuantizeForm::None,
+            Self::Int8Weights => QuantizeForm::Int8Weights,
+            Self::Int8(_) => QuantizeForm::Int8,
+        }
+    }
+}
+
+/// What [`build_model`] builds.
+#[derive(Debug, Clone, Copy)]
+pub struct GraphSpec<'a> {
+    pub form: Form<'a>,
+    /// The output is the mean of the probabilities of the image and of its mirror image.
+    pub mirror_average: bool,
+}
+
+/// The model's input as `petcam.input` records it.
+pub fn input_spec(backbone: &Backbone, mirror_average: bool) -> metadata::InputSpec {
+    metadata::InputSpec::rgb_bytes(
+        INPUT_NAME,
+        backbone.input_size as u32,
+        backbone.normalization.mean,
+        backbone.normalization.std,
+        mirror_average,
+    )
+}
+
+/// The complete model: graph plus `metadata_props` (key, value) in the given order, built as
+/// `spec` says.
 pub fn build_model(
     backbone: &Backbone,
     head: &HeadWeights,
-    form: QuantizeForm,
-    calibration: Option<&Calibration>,
+    spec: GraphSpec<'_>,
     metadata: &[(String, String)],
-    mirror_average: bool,
 ) -> Result<ModelProto, OnnxError> {
+    let GraphSpec {
+        form,
+        mirror_average,
+    } = spec;
     if head.features != backbone.feature_dim() {
         return Err(OnnxError::HeadMismatch {
             head: head.features,
@@ -509,20 +555,14 @@ pub fn build_model(
         nodes: Vec::new(),
         initializers: Vec::new(),
         counter: 0,
-        form,
+        form: form.quantize_form(),
         known: HashMap::new(),
         dequantized: HashMap::new(),
     };
 
     let body = |g: &mut GraphBuilder, image: &str| match form {
-        QuantizeForm::Int8 => int8_body(
-            g,
-            image,
-            backbone,
-            head,
-            calibration.ok_or(OnnxError::NoCalibration)?,
-        ),
-        QuantizeForm::None | QuantizeForm::Int8Weights => float_body(g, image, backbone, head),
+        Form::Int8(calibration) => int8_body(g, image, backbone, head, calibration),
+        Form::Float | Form::Int8Weights => float_body(g, image, backbone, head),
     };
     let logits = body(&mut g, INPUT_NAME)?;
     if mirror_average {

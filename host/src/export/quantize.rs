@@ -5,7 +5,10 @@
 //! The graph restores float weights with a standard `DequantizeLinear` (axis 0); runtimes fold
 //! that at load, so the model is ~4x smaller and runs at float speed.
 
-/// How the exported model stores its numbers.
+use petcam_shared::metadata::QuantizationForm;
+
+/// How the exported model stores its numbers (`--quantize`; the model file records it as a
+/// [`QuantizationForm`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuantizeForm {
     /// Float32 weights and activations.
@@ -20,10 +23,16 @@ pub enum QuantizeForm {
 impl QuantizeForm {
     /// The name written into `petcam.quantization` and the report.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Int8Weights => "int8-weights",
-            Self::Int8 => "int8",
+        QuantizationForm::from(self).name()
+    }
+}
+
+impl From<QuantizeForm> for QuantizationForm {
+    fn from(form: QuantizeForm) -> Self {
+        match form {
+            QuantizeForm::None => Self::None,
+            QuantizeForm::Int8Weights => Self::Int8Weights,
+            QuantizeForm::Int8 => Self::Int8,
         }
     }
 }

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use image::codecs::jpeg::JpegEncoder;
 use image::{ImageFormat, RgbImage};
+use petcam_shared::metadata::{CalibrationMethod, QuantizationForm};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -246,8 +247,7 @@ pub struct ExportInfo {
 /// The exported model against the float model, both run with tract.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct QuantizationInfo {
-    /// `none`, `int8-weights` or `int8`.
-    pub form: String,
+    pub form: QuantizationForm,
     /// Activation ranges, for `int8`.
     pub calibration: Option<CalibrationInfo>,
     /// `model-f32.onnx` when it was written (`--keep-float`).
@@ -286,8 +286,7 @@ pub struct QuantizationInfo {
 /// How `--quantize int8` chose its activation ranges.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct CalibrationInfo {
-    /// `min-max` or `percentile`.
-    pub method: String,
+    pub method: CalibrationMethod,
     /// Training photos the float model ran over.
     pub images: usize,
     /// Quantized activation tensors.
@@ -678,7 +677,7 @@ fn quantization_section(out: &mut String, export: &ExportInfo) -> std::fmt::Resu
              kept only because `--allow-accuracy-drop` was given."
         )?;
     }
-    if q.form == "int8" {
+    if q.form == QuantizationForm::Int8 {
         writeln!(
             out,
             "\nThis form computes in integers for ARM cores with int8 dot-product units. tract \
@@ -1243,9 +1242,9 @@ dog            0    1
                 float_max_probability_diff: 1e-6,
                 tract_ms_per_image: 31.7,
                 quantization: QuantizationInfo {
-                    form: "int8".into(),
+                    form: QuantizationForm::Int8,
                     calibration: Some(CalibrationInfo {
-                        method: "percentile".into(),
+                        method: CalibrationMethod::Percentile,
                         images: 200,
                         tensors: 71,
                     }),
