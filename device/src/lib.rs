@@ -1,26 +1,17 @@
-//! petcam on the camera computer: running the exported model with tract.
+//! petcam on the camera computer.
 //!
 //! Frames come from a [`source`], are decoded and resized by [`preprocess`], classified by
-//! [`infer`], turned into decisions by [`decide`] and into pin levels by [`actuate`]. The host
-//! uses [`infer`] and [`preprocess`] too, so it scores a model exactly as the device runs it.
+//! [`infer`] (both from `petcam-runtime`, which the host uses too, so it scores a model exactly
+//! as the device runs it), turned into decisions by [`decide`] and into pin levels by
+//! [`actuate`]; [`telemetry`] and [`update`] speak to the host over the serial link.
 
 pub mod actuate;
 pub mod agent;
 pub mod decide;
-pub mod depthwise;
 pub mod firmware;
-pub mod infer;
-pub mod preprocess;
 pub mod retry;
 pub mod source;
 pub mod telemetry;
-pub mod threads;
 pub mod update;
 
-/// Peak resident memory of this process so far (Linux `VmHWM`), in MB; `None` elsewhere.
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+pub use petcam_runtime::{infer, peak_rss_mb, preprocess, threads};

@@ -65,7 +65,12 @@ pub(crate) fn load(path: &Path, threads: Threads) -> anyhow::Result<ExportedMode
             path.display()
         );
     }
-    Ok(ExportedModel::load_with_threads(path, threads)?)
+    let options = petcam_device::infer::LoadOptions {
+        threads,
+        // PETCAM_TRACT_DEPTHWISE=1: tract's own convolutions, to compare with petcam's.
+        kernels: petcam_device::infer::Kernels::from_env(),
+    };
+    Ok(ExportedModel::load_with(path, options)?)
 }
 
 fn init_logging(verbose: u8) {

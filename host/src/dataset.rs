@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub use petcam_device::preprocess::{decode_rgb, load_input, load_rgb, resize, PhotoError};
+pub use petcam_runtime::preprocess::{decode_rgb, load_input, load_rgb, resize, PhotoError};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
 //! An exported petcam model loaded with tract. The runtime is the device's own
-//! (`petcam_device::infer`), so `petcam evaluate` scores a model exactly as the camera runs it.
+//! (`petcam_runtime::infer`), so `petcam evaluate` scores a model exactly as the camera runs it.
 
-pub use petcam_device::infer::*;
+pub use petcam_runtime::infer::*;

@@ -12,7 +12,7 @@ use petcam_host::test_support::shared_fixture;
 
 fn probabilities(net: &Backbone, photo: &Path) -> Vec<f32> {
     let size = net.input_size as u32;
-    let img = petcam_device::preprocess::load_input(photo, size, size).unwrap();
+    let img = petcam_runtime::preprocess::load_input(photo, size, size).unwrap();
     let rgb = Tensor::from_vec(
         img.into_raw(),
         (1, size as usize, size as usize, 3),

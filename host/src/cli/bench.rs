@@ -55,7 +55,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
     for path in &args.models {
         let start = Instant::now();
-        let m = ExportedModel::load(path)?;
+        // One thread; PETCAM_TRACT_DEPTHWISE=1 runs tract's own convolutions, to compare.
+        let options = model::LoadOptions {
+            threads: model::Threads::One,
+            kernels: model::Kernels::from_env(),
+        };
+        let m = ExportedModel::load_with(path, options)?;
         loaded.push((m, start.elapsed().as_secs_f64() * 1000.0));
     }
     let image = |m: &ExportedModel| -> anyhow::Result<image::RgbImage> {

@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     } else {
         Some(
-            petcam_device::infer::ExportedModel::from_bytes(&image, &path).with_context(|| {
+            petcam_runtime::infer::ExportedModel::from_bytes(&image, &path).with_context(|| {
                 format!(
                     "{} is not a model petcam-device can run (--no-local-check sends it anyway)",
                     path.display()
@@ -164,60 +164,98 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ImageKind::Firmware => status.active_firmware,
     }
     .context("the device accepted the upload but reports nothing active")?;
-    let active_id = petcam_device::infer::model_id(&active.sha256);
+    let active_id = petcam_runtime::infer::model_id(&active.sha256);
     if active.sha256 != sha256 {
         bail!(
             "the device accepted the upload but reports {} as active, not {}",
             active_id,
-            petcam_device::infer::model_id(&sha256)
+            petcam_runtime::infer::model_id(&sha256)
         );
     }
-    let efficiency = if wire_bytes > 0 {
-        sent_bytes as f64 / wire_bytes as f64
-    } else {
-        1.0
+    let summary = Summary {
+        device: hello.device_id,
+        kind: match kind {
+            ImageKind::Model => "model",
+            ImageKind::Firmware => "firmware",
+        },
+        active_id,
+        version: active.version,
+        bytes: image.len(),
+        resumed_from,
+        sent_bytes,
+        upload_s,
+        wire_bytes,
+        resends: link.resends,
+        rejected: link.rejected,
+        heartbeats: link.heartbeats,
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "device": hello.device_id,
-                "kind": match kind { ImageKind::Model => "model", ImageKind::Firmware => "firmware" },
-                "active_model": (kind == ImageKind::Model).then_some(&active_id),
-                "active_firmware": (kind == ImageKind::Firmware).then_some(&active_id),
-                "version": active.version,
-                "bytes": image.len(),
-                "resumed_from": resumed_from,
-                "upload_s": upload_s,
-                "wire_bytes": wire_bytes,
-                "link_efficiency": efficiency,
-                "resends": link.resends,
-                "rejected_frames": link.rejected,
-                "heartbeats": link.heartbeats,
-            })
-        );
-    } else {
-        println!(
-            "{}: active {} {} (version {}); sent {} bytes{} in {:.1} s, link efficiency {:.3}, {} resend(s)",
-            hello.device_id,
-            match kind {
-                ImageKind::Model => "model",
-                ImageKind::Firmware => "firmware",
-            },
-            active_id,
-            active.version,
-            sent_bytes,
-            if resumed_from > 0 {
-                format!(" (resumed at {resumed_from})")
-            } else {
-                String::new()
-            },
-            upload_s,
-            efficiency,
-            link.resends
-        );
-    }
+    summary.print(args.json);
     Ok(())
+}
+
+/// What a finished upload reports.
+#[derive(Debug)]
+struct Summary {
+    device: String,
+    kind: &'static str,
+    active_id: String,
+    version: String,
+    bytes: usize,
+    resumed_from: u64,
+    sent_bytes: u64,
+    upload_s: f64,
+    wire_bytes: u64,
+    resends: u64,
+    rejected: u64,
+    heartbeats: u64,
+}
+
+impl Summary {
+    fn print(&self, json: bool) {
+        let efficiency = if self.wire_bytes > 0 {
+            self.sent_bytes as f64 / self.wire_bytes as f64
+        } else {
+            1.0
+        };
+        if json {
+            let model = self.kind == "model";
+            println!(
+                "{}",
+                serde_json::json!({
+                    "device": self.device,
+                    "kind": self.kind,
+                    "active_model": model.then_some(&self.active_id),
+                    "active_firmware": (!model).then_some(&self.active_id),
+                    "version": self.version,
+                    "bytes": self.bytes,
+                    "resumed_from": self.resumed_from,
+                    "upload_s": self.upload_s,
+                    "wire_bytes": self.wire_bytes,
+                    "link_efficiency": efficiency,
+                    "resends": self.resends,
+                    "rejected_frames": self.rejected,
+                    "heartbeats": self.heartbeats,
+                })
+            );
+        } else {
+            println!(
+                "{}: active {} {} (version {}); sent {} bytes{} in {:.1} s, link efficiency {:.3}, {} resend(s)",
+                self.device,
+                self.kind,
+                self.active_id,
+                self.version,
+                self.sent_bytes,
+                if self.resumed_from > 0 {
+                    format!(" (resumed at {})", self.resumed_from)
+                } else {
+                    String::new()
+                },
+                self.upload_s,
+                efficiency,
+                self.resends
+            );
+        }
+    }
 }
 
 /// Opens the port again and again until the device greets, for up to `timeout`.
@@ -285,7 +323,7 @@ struct NoAnswer {
 }
 
 /// `YYYYMMDD.HHMMSS` of the model's export time.
-fn default_version(model: &petcam_device::infer::ExportedModel) -> anyhow::Result<String> {
+fn default_version(model: &petcam_runtime::infer::ExportedModel) -> anyhow::Result<String> {
     let created = model
         .metadata
         .get(petcam_shared::metadata::CREATED)

@@ -66,4 +66,4 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
-pub use petcam_device::peak_rss_mb;
+pub use petcam_runtime::peak_rss_mb;

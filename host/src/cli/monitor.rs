@@ -513,7 +513,7 @@ impl Monitor {
                     |m| {
                         format!(
                             "{} (version {})",
-                            petcam_device::infer::model_id(&m.sha256),
+                            petcam_runtime::infer::model_id(&m.sha256),
                             printable(&m.version, 40)
                         )
                     },

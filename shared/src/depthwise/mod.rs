@@ -30,6 +30,10 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+// Channels-last layouts need runtime CPU detection (and `f32::mul_add`): std only.
+#[cfg(feature = "std")]
+pub mod channels_last;
+
 /// Activation fused into the convolution's output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {

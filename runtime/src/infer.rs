@@ -12,16 +12,41 @@ use image::RgbImage;
 use petcam_shared::metadata::{self, InputSpec};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+use tract_onnx::tract_core::transform::ModelTransform;
 
 use sha2::Digest;
 
 use crate::preprocess;
-use crate::threads::{Chooser, Lane, Threads};
+pub use crate::threads::Threads;
+use crate::threads::{Chooser, Lane};
 
-/// Whether depthwise convolutions run on petcam-shared's kernel (the default) rather than
-/// tract's own: `PETCAM_TRACT_DEPTHWISE=1` keeps tract's, to compare the two.
-fn shared_depthwise() -> bool {
-    std::env::var_os("PETCAM_TRACT_DEPTHWISE").is_none_or(|v| v.is_empty() || v == "0")
+/// Which operators run the convolutions petcam has kernels for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// petcam's operators, put in by [`crate::rewrite`].
+    #[default]
+    Petcam,
+    /// tract's own, to compare the two.
+    Tract,
+}
+
+impl Kernels {
+    /// What the programs' `PETCAM_TRACT_DEPTHWISE` asks for: `1` keeps tract's operators. Only
+    /// a program reads it, and passes the answer in [`LoadOptions`].
+    pub fn from_env() -> Self {
+        match std::env::var_os("PETCAM_TRACT_DEPTHWISE") {
+            Some(v) if !v.is_empty() && v != "0" => Self::Tract,
+            _ => Self::Petcam,
+        }
+    }
+}
+
+/// How a model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadOptions {
+    /// How its inferences use the cores.
+    pub threads: Threads,
+    pub kernels: Kernels,
 }
 
 /// A model's short id from its SHA-256: 12 hex digits, enough to tell models apart on a
@@ -190,11 +215,22 @@ impl ExportedModel {
 
     /// Loads and optimises a model whose inferences use the cores as `threads` says.
     pub fn load_with_threads(path: &Path, threads: Threads) -> Result<Self, ModelError> {
+        Self::load_with(
+            path,
+            LoadOptions {
+                threads,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// Loads and optimises a model as `options` say.
+    pub fn load_with(path: &Path, options: LoadOptions) -> Result<Self, ModelError> {
         let data = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_bytes_with_threads(&data, path, threads)
+        Self::from_bytes_with(&data, path, options)
     }
 
     /// A single-thread model from the bytes of an ONNX file; `path` names it in errors.
@@ -208,6 +244,21 @@ impl ExportedModel {
         path: &Path,
         threads: Threads,
     ) -> Result<Self, ModelError> {
+        let options = LoadOptions {
+            threads,
+            ..LoadOptions::default()
+        };
+        Self::from_bytes_with(data, path, options)
+    }
+
+    /// A model from the bytes of an ONNX file, loaded as `options` say; `path` names it in
+    /// errors.
+    pub fn from_bytes_with(
+        data: &[u8],
+        path: &Path,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let threads = options.threads;
         let load_err = |e: anyhow::Error| ModelError::Load {
             path: path.to_owned(),
             reason: format!("{e:#}"),
@@ -249,8 +300,11 @@ impl ExportedModel {
             .and_then(|m| m.into_typed())
             .and_then(|m| m.into_decluttered())
             .and_then(|mut m| {
-                if shared_depthwise() {
-                    crate::depthwise::replace_depthwise(&mut m, threads.max())?;
+                if options.kernels == Kernels::Petcam {
+                    let rewrite = crate::rewrite::Rewrite {
+                        threads: threads.max(),
+                    };
+                    rewrite.transform(&mut m)?;
                 }
                 m.into_optimized()
             })
