@@ -1,7 +1,8 @@
 //! petcam on the camera computer: running the exported model with tract.
 //!
 //! Frames come from a [`source`], are decoded and resized by [`preprocess`], classified by
-//! [`infer`], turned into decisions by [`decide`] and into pin levels by [`actuate`]. The host
+//! [`infer`], turned into decisions by [`decide`] and into pin levels by [`actuate`]; [`service`]
+//! runs them as `petcam-device run` does, with [`telemetry`] and [`update`]s over the link. The host
 //! uses [`infer`] and [`preprocess`] too, so it scores a model exactly as the device runs it.
 
 pub mod actuate;
@@ -12,7 +13,9 @@ pub mod firmware;
 pub mod infer;
 pub mod preprocess;
 pub mod retry;
+pub mod service;
 pub mod source;
+pub mod state_dir;
 pub mod telemetry;
 pub mod threads;
 pub mod update;
