@@ -21,10 +21,15 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::update::Entry;
+use crate::state_dir::{sync_dir, Entry};
+
+/// Exit status after a new binary was installed: the service manager starts the program
+/// again (`RestartForceExitStatus=75` in device/petcam-device.service), now the new binary.
+pub const EXIT_RESTART: u8 = 75;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Trial {
@@ -60,10 +65,6 @@ fn write_synced(path: &Path, text: &str) -> io::Result<()> {
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, path)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl FirmwareStore {
@@ -198,6 +199,40 @@ impl FirmwareStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Confirms a binary on trial once the program has run `grace` without failing.
+#[derive(Debug)]
+pub struct Health {
+    firmware: Option<FirmwareStore>,
+    confirm_at: Instant,
+}
+
+impl Health {
+    pub fn new(state_dir: &Path, grace: Duration) -> Self {
+        let firmware = FirmwareStore::open(state_dir)
+            .ok()
+            .filter(FirmwareStore::on_trial);
+        if firmware.is_some() {
+            tracing::info!("running a newly flashed binary on trial for {grace:?}");
+        }
+        Self {
+            firmware,
+            confirm_at: Instant::now() + grace,
+        }
+    }
+
+    /// Call now and then; confirms once the grace period is over.
+    pub fn tick(&mut self) {
+        if self.firmware.is_some() && Instant::now() >= self.confirm_at {
+            if let Some(fw) = self.firmware.take() {
+                match fw.confirm() {
+                    Ok(()) => tracing::info!("the new binary ran its grace period: confirmed"),
+                    Err(e) => tracing::warn!("cannot confirm the new binary: {e}"),
+                }
+            }
+        }
     }
 }
 

@@ -22,6 +22,17 @@ use crate::retry::{self, Backoff};
 /// Messages waiting for the link; beyond this the oldest is dropped.
 pub const QUEUE: usize = 64;
 
+/// This device's name in `Hello` when none is configured: the host name (`petcam` when it has
+/// none).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "petcam".to_owned())
+}
+
 /// What the writer did, for the summary at exit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LinkStats {

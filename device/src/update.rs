@@ -21,35 +21,15 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use petcam_shared::protocol::{
-    Begin, ImageInfo, ImageKind, Message, Nack, NackReason, StagedInfo, Status,
-};
+use petcam_shared::protocol::{Begin, ImageKind, Message, Nack, NackReason, StagedInfo, Status};
 use petcam_shared::signing::{self, SignatureError, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::firmware::FirmwareStore;
 use crate::infer::ExportedModel;
+use crate::state_dir::{from_hex, hex, sync_dir, Entry};
 use crate::threads::Threads;
-
-/// A model in service, as `active.json` records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub version: String,
-    /// Hex.
-    pub sha256: String,
-    pub size: u64,
-}
-
-impl Entry {
-    fn info(&self) -> ImageInfo {
-        ImageInfo {
-            version: self.version.clone(),
-            sha256: from_hex(&self.sha256).unwrap_or([0; 32]),
-            size: self.size,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ActiveRecord {
@@ -82,21 +62,6 @@ fn kind_name(kind: ImageKind) -> &'static str {
         ImageKind::Model => "model",
         ImageKind::Firmware => "firmware",
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// One step of [`Store::activate`], for tests that stop it part-way, as a power cut would.
@@ -237,11 +202,6 @@ impl Store {
         self.collect_garbage();
         Ok(())
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    // A directory is synced through a read-only handle to it (Linux and the BSDs).
-    File::open(dir)?.sync_all()
 }
 
 /// What the device accepts.

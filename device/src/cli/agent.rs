@@ -2,18 +2,21 @@
 //! model uploads into the state directory (see [`petcam_device::update`]).
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use petcam_device::firmware::FirmwareStore;
+use petcam_device::firmware::{Health, EXIT_RESTART};
+use petcam_device::service::ServiceConfig;
+use petcam_device::telemetry;
 use petcam_device::threads::Threads;
-use petcam_device::update::{Activated, Policy, Store, Updater};
+use petcam_device::update::{Activated, Store, Updater};
 use petcam_shared::protocol::{self, Message, Reassembler, Received, Role};
-use petcam_shared::signing::{self, VerifyingKey};
+
+use super::trust::TrustArgs;
 
 /// Serve the serial link: answer `petcam flash` and status requests, with no camera.
 #[derive(Debug, clap::Args)]
@@ -21,7 +24,7 @@ pub struct AgentArgs {
     /// Serial port to the host (a USB-UART or the GPIO UART: /dev/ttyAMA0, /dev/ttyUSB0).
     #[arg(long, value_name = "PATH")]
     pub port: PathBuf,
-    #[arg(long, default_value_t = 921_600)]
+    #[arg(long, default_value_t = ServiceConfig::default().baud)]
     pub baud: u32,
     /// Where uploads are staged and models kept; it survives restarts.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/petcam")]
@@ -37,134 +40,8 @@ pub struct AgentArgs {
     pub threads: Option<Threads>,
     /// Seconds a newly flashed binary must run before it confirms itself; one that stops
     /// sooner is rolled back by `petcam-device launch` at the next start.
-    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    #[arg(long, default_value_t = ServiceConfig::default().health_grace, value_name = "SECONDS")]
     pub health_grace: f64,
-}
-
-/// Exit status after a new binary was installed: the service manager starts the program
-/// again (`RestartForceExitStatus=75` in device/petcam-device.service), now the new binary.
-pub const EXIT_RESTART: u8 = 75;
-
-/// Confirms a binary on trial once the program has run `grace` without failing.
-#[derive(Debug)]
-pub struct Health {
-    firmware: Option<FirmwareStore>,
-    confirm_at: Instant,
-}
-
-impl Health {
-    pub fn new(state_dir: &Path, grace: Duration) -> Self {
-        let firmware = FirmwareStore::open(state_dir)
-            .ok()
-            .filter(FirmwareStore::on_trial);
-        if firmware.is_some() {
-            tracing::info!("running a newly flashed binary on trial for {grace:?}");
-        }
-        Self {
-            firmware,
-            confirm_at: Instant::now() + grace,
-        }
-    }
-
-    /// Call now and then; confirms once the grace period is over.
-    pub fn tick(&mut self) {
-        if self.firmware.is_some() && Instant::now() >= self.confirm_at {
-            if let Some(fw) = self.firmware.take() {
-                match fw.confirm() {
-                    Ok(()) => tracing::info!("the new binary ran its grace period: confirmed"),
-                    Err(e) => tracing::warn!("cannot confirm the new binary: {e}"),
-                }
-            }
-        }
-    }
-}
-
-/// Which uploads are accepted.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TrustArgs {
-    /// Public key (`NAME.pub` from `petcam keygen`) that uploads must be signed with.
-    #[arg(long, value_name = "FILE", required_unless_present = "allow_unsigned")]
-    pub trusted_key: Option<PathBuf>,
-    /// Accept unsigned uploads. For a bench device only: anyone on the link can replace the model.
-    #[arg(long, conflicts_with = "trusted_key")]
-    pub allow_unsigned: bool,
-    /// Accept a model older than the active one.
-    #[arg(long)]
-    pub allow_downgrade: bool,
-    /// Largest upload accepted, in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub max_upload_mib: u64,
-    /// A model whose golden inference takes longer than this fails its self-test.
-    #[arg(long, default_value_t = 2000.0)]
-    pub latency_budget_ms: f64,
-}
-
-impl TrustArgs {
-    pub fn policy(&self, threads: Threads) -> anyhow::Result<Policy> {
-        let mut p = policy(
-            self.trusted_key.as_deref(),
-            self.allow_downgrade,
-            threads,
-            None,
-        )?;
-        p.max_size = self.max_upload_mib << 20;
-        p.latency_budget_ms = self.latency_budget_ms;
-        Ok(p)
-    }
-}
-
-/// What uploads are accepted: signed with `trusted_key`, or anything (a loud warning) when
-/// there is none.
-pub fn policy(
-    trusted_key: Option<&Path>,
-    allow_downgrade: bool,
-    threads: Threads,
-    required_labels: Option<Vec<String>>,
-) -> anyhow::Result<Policy> {
-    let trusted_key = match trusted_key {
-        Some(path) => Some(read_public_key(path)?),
-        None => {
-            tracing::warn!(
-                "--allow-unsigned: this device accepts UNSIGNED uploads; anyone on the serial link can replace its model"
-            );
-            None
-        }
-    };
-    Ok(Policy {
-        trusted_key,
-        allow_downgrade,
-        required_labels,
-        ..local_policy(threads)
-    })
-}
-
-/// The policy of a check that takes nothing from a link (`self-test`): no key to trust, and
-/// so nothing to warn about.
-pub fn local_policy(threads: Threads) -> Policy {
-    Policy {
-        trusted_key: None,
-        allow_downgrade: false,
-        max_size: 64 << 20,
-        latency_budget_ms: 2000.0,
-        threads,
-        required_labels: None,
-        firmware_version: env!("CARGO_PKG_VERSION").to_owned(),
-        firmware_self_test_timeout: Duration::from_secs(60),
-    }
-}
-
-fn read_public_key(path: &Path) -> anyhow::Result<VerifyingKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the trusted key {}", path.display()))?;
-    let bytes = signing::decode_key(signing::PUBLIC_KEY_TAG, &text).with_context(|| {
-        format!(
-            "{} is not a petcam public key (expected `{} <64 hex digits>`, as `petcam keygen` writes NAME.pub)",
-            path.display(),
-            signing::PUBLIC_KEY_TAG
-        )
-    })?;
-    VerifyingKey::from_bytes(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid ed25519 public key ({e})", path.display()))
 }
 
 pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -189,10 +66,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .map_err(|e| anyhow::anyhow!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     }
-    let device_id = args
-        .device_id
-        .clone()
-        .unwrap_or_else(crate::cli::run::host_name);
+    let device_id = args.device_id.clone().unwrap_or_else(telemetry::host_name);
     let mut port = protocol::serial::open(&args.port, args.baud, Duration::from_millis(100))?;
     let hello = |u: &Updater| {
         let model = u

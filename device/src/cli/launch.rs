@@ -90,7 +90,7 @@ pub fn self_test(args: SelfTestArgs) -> anyhow::Result<ExitCode> {
             args.latency_budget_ms
         );
     }
-    let mut policy = super::agent::local_policy(Threads::One);
+    let mut policy = super::trust::local_policy(Threads::One);
     policy.latency_budget_ms = args.latency_budget_ms;
     match update::self_test(&bytes, &path, &policy) {
         Ok(model) => {

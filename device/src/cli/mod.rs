@@ -6,3 +6,4 @@ pub mod classify;
 pub mod gpio;
 pub mod launch;
 pub mod run;
+pub mod trust;
