@@ -64,7 +64,23 @@ pub enum PickleError {
     Opcode { opcode: u8, offset: usize },
     #[error("malformed pickle at byte {offset}: {what}")]
     Malformed { offset: usize, what: &'static str },
+    #[error("pickle nests deeper than {max} levels at byte {offset}")]
+    TooDeep { offset: usize, max: usize },
+    #[error(
+        "pickle at byte {offset} copies its memo past {budget} values, more than its size allows"
+    )]
+    TooLarge { offset: usize, budget: usize },
 }
+
+/// Deepest nesting of containers accepted: a state dict is a handful of levels deep, and the
+/// value tree is dropped and compared recursively.
+const MAX_DEPTH: usize = 256;
+
+/// Values (each node and each byte of a string counts one) that memo reads and writes may copy,
+/// per byte of input. A PyTorch pickle memoizes small objects (globals, keys, argument tuples);
+/// without a bound, a few bytes that memoize a tuple of two copies of the previous one double
+/// the memory at each step.
+const COPIES_PER_BYTE: usize = 32;
 
 /// Reads one pickle starting at `*pos` and advances `*pos` past its STOP opcode.
 pub fn read(data: &[u8], pos: &mut usize) -> Result<Value, PickleError> {
@@ -73,17 +89,44 @@ pub fn read(data: &[u8], pos: &mut usize) -> Result<Value, PickleError> {
         pos: *pos,
         stack: Vec::new(),
         memo: HashMap::new(),
+        budget: data.len().saturating_mul(COPIES_PER_BYTE).max(1 << 16),
     };
     let value = m.run()?;
     *pos = m.pos;
     Ok(value)
 }
 
+/// A value on the stack or in the memo, with its nesting depth and size (nodes and bytes).
+#[derive(Debug, Clone)]
+struct Item {
+    value: Value,
+    depth: usize,
+    size: usize,
+}
+
+impl Item {
+    fn leaf(value: Value) -> Self {
+        let bytes = match &value {
+            Value::BigInt(b) | Value::Bytes(b) => b.len(),
+            Value::Str(s) => s.len(),
+            Value::Global(m, n) => m.len() + n.len(),
+            _ => 0,
+        };
+        Self {
+            value,
+            depth: 0,
+            size: 1 + bytes,
+        }
+    }
+}
+
 struct Machine<'a> {
     data: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
-    memo: HashMap<u32, Value>,
+    stack: Vec<Item>,
+    memo: HashMap<u32, Item>,
+    /// What memo copies may still cost (see [`COPIES_PER_BYTE`]).
+    budget: usize,
 }
 
 impl Machine<'_> {
@@ -128,24 +171,62 @@ impl Machine<'_> {
         }
     }
 
-    fn pop(&mut self) -> Result<Value, PickleError> {
+    fn push(&mut self, value: Value) {
+        self.stack.push(Item::leaf(value));
+    }
+
+    /// Pushes a container made of `items`.
+    fn push_node(
+        &mut self,
+        items: Vec<Item>,
+        make: impl FnOnce(Vec<Value>) -> Value,
+    ) -> Result<(), PickleError> {
+        let (depth, size) = self.measure(&items)?;
+        let value = make(items.into_iter().map(|i| i.value).collect());
+        self.stack.push(Item { value, depth, size });
+        Ok(())
+    }
+
+    /// Depth and size of a container of `items`.
+    fn measure(&self, items: &[Item]) -> Result<(usize, usize), PickleError> {
+        let depth = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
+        if depth > MAX_DEPTH {
+            return Err(PickleError::TooDeep {
+                offset: self.pos,
+                max: MAX_DEPTH,
+            });
+        }
+        let size = items.iter().fold(1usize, |s, i| s.saturating_add(i.size));
+        Ok((depth, size))
+    }
+
+    /// Charges a copy of `size` values to the budget.
+    fn copy(&mut self, size: usize) -> Result<(), PickleError> {
+        self.budget = self.budget.checked_sub(size).ok_or(PickleError::TooLarge {
+            offset: self.pos,
+            budget: self.data.len().saturating_mul(COPIES_PER_BYTE).max(1 << 16),
+        })?;
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Result<Item, PickleError> {
         self.stack
             .pop()
             .ok_or_else(|| self.malformed("pop from empty stack"))
     }
 
-    fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
+    fn pop_mark(&mut self) -> Result<Vec<Item>, PickleError> {
         let at = self
             .stack
             .iter()
-            .rposition(|v| *v == Value::Mark)
+            .rposition(|i| i.value == Value::Mark)
             .ok_or_else(|| self.malformed("no MARK on the stack"))?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
         Ok(items)
     }
 
-    fn top(&mut self) -> Result<&mut Value, PickleError> {
+    fn top(&mut self) -> Result<&mut Item, PickleError> {
         let offset = self.pos;
         self.stack.last_mut().ok_or(PickleError::Malformed {
             offset,
@@ -153,32 +234,52 @@ impl Machine<'_> {
         })
     }
 
-    fn set_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
+    /// Adds `items` to the container on top of the stack, updating its depth and size.
+    fn extend_top(&mut self, items: &[Item]) -> Result<(), PickleError> {
+        let (depth, size) = self.measure(items)?;
+        let top = self.top()?;
+        top.depth = top.depth.max(depth);
+        top.size = top.size.saturating_add(size - 1);
+        Ok(())
+    }
+
+    fn set_items(&mut self, items: Vec<Item>) -> Result<(), PickleError> {
         if !items.len().is_multiple_of(2) {
             return Err(self.malformed("odd number of dict items"));
         }
+        if !matches!(self.top()?.value, Value::Dict(_) | Value::Call(_, _)) {
+            return Err(self.malformed("SETITEM(S) on a non-dict"));
+        }
+        self.extend_top(&items)?;
         let mut pairs = Vec::with_capacity(items.len() / 2);
-        let mut it = items.into_iter();
+        let mut it = items.into_iter().map(|i| i.value);
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             pairs.push((k, v));
         }
-        match self.top()? {
+        let top = &mut self.top()?.value;
+        match top {
             Value::Dict(d) => d.extend(pairs),
             // `OrderedDict()` is a call we leave unevaluated; it behaves like a dict.
-            Value::Call(_, _) => {
-                let top = self.stack.last_mut().unwrap();
-                *top = Value::Dict(pairs);
-            }
-            _ => return Err(self.malformed("SETITEM(S) on a non-dict")),
+            _ => *top = Value::Dict(pairs),
         }
         Ok(())
     }
 
-    fn append(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
-        match self.top()? {
-            Value::List(l) => l.extend(items),
-            _ => return Err(self.malformed("APPEND(S) on a non-list")),
+    fn append(&mut self, items: Vec<Item>) -> Result<(), PickleError> {
+        if !matches!(self.top()?.value, Value::List(_)) {
+            return Err(self.malformed("APPEND(S) on a non-list"));
         }
+        self.extend_top(&items)?;
+        if let Value::List(l) = &mut self.top()?.value {
+            l.extend(items.into_iter().map(|i| i.value));
+        }
+        Ok(())
+    }
+
+    fn memo_put(&mut self, id: u32) -> Result<(), PickleError> {
+        let item = self.top()?.clone();
+        self.copy(item.size)?;
+        self.memo.insert(id, item);
         Ok(())
     }
 
@@ -190,61 +291,61 @@ impl Machine<'_> {
                 0x80 => {
                     self.u8()?; // PROTO
                 }
-                b'.' => return self.pop(),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'.' => return self.pop().map(|i| i.value),
+                b'N' => self.push(Value::None),
+                0x88 => self.push(Value::Bool(true)),
+                0x89 => self.push(Value::Bool(false)),
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64))
+                    self.push(Value::Int(v as i64))
                 }
                 b'M' => {
                     let v = self.u16()?;
-                    self.stack.push(Value::Int(v as i64))
+                    self.push(Value::Int(v as i64))
                 }
                 b'J' => {
                     let v = self.u32()? as i32;
-                    self.stack.push(Value::Int(v as i64))
+                    self.push(Value::Int(v as i64))
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
                     let b = self.bytes(n)?.to_vec();
-                    self.stack.push(long_from_le(b));
+                    self.push(long_from_le(b));
                 }
                 b'G' => {
                     let b: [u8; 8] = self.bytes(8)?.try_into().unwrap();
-                    self.stack.push(Value::Float(f64::from_be_bytes(b)))
+                    self.push(Value::Float(f64::from_be_bytes(b)))
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = String::from_utf8_lossy(self.bytes(n)?).into_owned();
-                    self.stack.push(Value::Str(s))
+                    self.push(Value::Str(s))
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let s = String::from_utf8_lossy(self.bytes(n)?).into_owned();
-                    self.stack.push(Value::Str(s))
+                    self.push(Value::Str(s))
                 }
                 b'U' => {
                     let n = self.u8()? as usize;
                     let b = self.bytes(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b))
+                    self.push(Value::Bytes(b))
                 }
                 b'T' => {
                     let n = self.u32()? as usize;
                     let b = self.bytes(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b))
+                    self.push(Value::Bytes(b))
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global(module, name))
+                    self.push(Value::Global(module, name))
                 }
-                b'(' => self.stack.push(Value::Mark),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'(' => self.push(Value::Mark),
+                b')' => self.push(Value::Tuple(Vec::new())),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items))
+                    self.push_node(items, Value::Tuple)?
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -252,12 +353,12 @@ impl Machine<'_> {
                         return Err(self.malformed("TUPLEn with a short stack"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items))
+                    self.push_node(items, Value::Tuple)?
                 }
-                b']' => self.stack.push(Value::List(Vec::new())),
+                b']' => self.push(Value::List(Vec::new())),
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(items))
+                    self.push_node(items, Value::List)?
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -267,10 +368,10 @@ impl Machine<'_> {
                     let items = self.pop_mark()?;
                     self.append(items)?
                 }
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b'}' => self.push(Value::Dict(Vec::new())),
                 b'd' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Dict(Vec::new()));
+                    self.push(Value::Dict(Vec::new()));
                     self.set_items(items)?
                 }
                 b's' => {
@@ -284,13 +385,11 @@ impl Machine<'_> {
                 }
                 b'q' => {
                     let id = self.u8()? as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(id, v);
+                    self.memo_put(id)?
                 }
                 b'r' => {
                     let id = self.u32()?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(id, v);
+                    self.memo_put(id)?
                 }
                 b'h' | b'j' => {
                     let id = if op == b'h' {
@@ -298,32 +397,43 @@ impl Machine<'_> {
                     } else {
                         self.u32()?
                     };
-                    let v = self
+                    let size = self
                         .memo
                         .get(&id)
-                        .cloned()
-                        .ok_or_else(|| self.malformed("memo key not found"))?;
-                    self.stack.push(v)
+                        .ok_or_else(|| self.malformed("memo key not found"))?
+                        .size;
+                    self.copy(size)?;
+                    let item = self.memo[&id].clone();
+                    self.stack.push(item)
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    self.stack.push(Value::Persistent(Box::new(pid)))
+                    self.push_node(vec![pid], |mut v| {
+                        Value::Persistent(Box::new(v.pop().expect("one item")))
+                    })?
                 }
                 b'R' | 0x81 => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.stack
-                        .push(Value::Call(Box::new(callable), Box::new(args)))
+                    self.push_node(vec![callable, args], |mut v| {
+                        let args = v.pop().expect("two items");
+                        let callable = v.pop().expect("two items");
+                        Value::Call(Box::new(callable), Box::new(args))
+                    })?
                 }
                 b'b' => {
                     let state = self.pop()?;
                     let obj = self.pop()?;
                     // A dict's state is its attributes (PyTorch's `_metadata`); its items stay.
-                    let built = match obj {
-                        Value::Dict(_) => obj,
-                        obj => Value::Build(Box::new(obj), Box::new(state)),
-                    };
-                    self.stack.push(built)
+                    if let Value::Dict(_) = obj.value {
+                        self.stack.push(obj)
+                    } else {
+                        self.push_node(vec![obj, state], |mut v| {
+                            let state = v.pop().expect("two items");
+                            let obj = v.pop().expect("two items");
+                            Value::Build(Box::new(obj), Box::new(state))
+                        })?
+                    }
                 }
                 opcode => return Err(PickleError::Opcode { opcode, offset }),
             }
@@ -387,5 +497,27 @@ mod tests {
             read(data, &mut pos),
             Err(PickleError::Truncated(_))
         ));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // An empty tuple wrapped in a million one-element tuples.
+        let mut data = b"\x80\x02)".to_vec();
+        data.extend(std::iter::repeat_n(0x85, 1_000_000));
+        data.push(b'.');
+        let err = read(&data, &mut 0).unwrap_err();
+        assert!(matches!(err, PickleError::TooDeep { .. }), "{err}");
+    }
+
+    #[test]
+    fn memo_copies_are_bounded_by_the_input() {
+        // x = (); then 60 times x = (x, x) through the memo: 2^60 nodes from 250 bytes.
+        let mut data = b"\x80\x02)q\x00".to_vec();
+        for _ in 0..60 {
+            data.extend_from_slice(b"h\x00h\x00\x86q\x00");
+        }
+        data.push(b'.');
+        let err = read(&data, &mut 0).unwrap_err();
+        assert!(matches!(err, PickleError::TooLarge { .. }), "{err}");
     }
 }

@@ -182,8 +182,21 @@ impl TfliteModel {
         let buffers = fb
             .tables(model, 4, "buffers")?
             .into_iter()
-            .map(|b| Ok(fb.bytes(b, 0, "buffer data")?.unwrap_or_default().to_vec()))
+            .map(|b| Ok(fb.bytes(b, 0, "buffer data")?.unwrap_or_default()))
             .collect::<Result<Vec<_>>>()?;
+        // Buffers are copied out: many that name the same bytes could otherwise claim far more
+        // memory than the file has. A converter writes each buffer once.
+        let copied = buffers
+            .iter()
+            .map(|b| b.len())
+            .fold(0usize, usize::saturating_add);
+        if copied > data.len() {
+            return Err(bad(format!(
+                "buffers hold {copied} bytes, more than the file's {}",
+                data.len()
+            )));
+        }
+        let buffers: Vec<Vec<u8>> = buffers.into_iter().map(<[u8]>::to_vec).collect();
         let subgraphs = fb.tables(model, 2, "subgraphs")?;
         let graph = *subgraphs.first().ok_or_else(|| bad("no subgraph"))?;
         let tensors = fb
@@ -222,7 +235,11 @@ impl TfliteModel {
         if data.is_empty() {
             return Ok(None);
         }
-        let count: usize = t.shape.iter().product();
+        let count = t
+            .shape
+            .iter()
+            .try_fold(1usize, |c, &d| c.checked_mul(d))
+            .ok_or_else(|| bad(format!("tensor {}: shape {:?} overflows", t.name, t.shape)))?;
         let values: Vec<f32> = match t.dtype {
             TensorType::F32 => data
                 .chunks_exact(4)
@@ -245,7 +262,13 @@ impl TfliteModel {
                         .collect(),
                 };
                 // Elements per step of the quantized dimension (row-major shapes).
-                let inner: usize = t.shape.iter().skip(q.dimension + 1).product();
+                // Saturating: with a dimension of 0 the others may overflow (and the value
+                // count check below fails anyway).
+                let inner = t
+                    .shape
+                    .iter()
+                    .skip(q.dimension.saturating_add(1))
+                    .fold(1usize, |c, &d| c.saturating_mul(d));
                 let channels = t.shape.get(q.dimension).copied().unwrap_or(1);
                 raw.iter()
                     .enumerate()
@@ -257,7 +280,8 @@ impl TfliteModel {
                         };
                         let scale = *q.scale.get(c).unwrap_or(&q.scale[0]);
                         let zero = *q.zero_point.get(c).or(q.zero_point.first()).unwrap_or(&0);
-                        scale * (v - zero) as f32
+                        // A zero point is read from the file: saturating, not overflowing.
+                        scale * v.saturating_sub(zero) as f32
                     })
                     .collect()
             }
@@ -357,8 +381,9 @@ impl<'a> Fb<'a> {
         let Some((start, len)) = self.vector(table, field, what)? else {
             return Ok(None);
         };
-        self.buf
-            .get(start..start + len)
+        start
+            .checked_add(len)
+            .and_then(|end| self.buf.get(start..end))
             .map(Some)
             .ok_or_else(|| bad(format!("{what}: {len} bytes at {start} are past the end")))
     }
@@ -498,5 +523,39 @@ mod tests {
         fake[4..8].copy_from_slice(b"TFL3");
         fake[0] = 200; // root table past the end
         assert!(TfliteModel::parse(&fake).is_err());
+    }
+
+    /// Inputs under `fuzz/regressions` that once crashed the reader or made it allocate without
+    /// bound.
+    const ALIASED_BUFFERS: &[u8] =
+        include_bytes!("../../../fuzz/regressions/tflite-aliased-buffers");
+    const SHAPE_OVERFLOW: &[u8] = include_bytes!("../../../fuzz/regressions/tflite-shape-overflow");
+    const ZERO_POINT_OVERFLOW: &[u8] =
+        include_bytes!("../../../fuzz/regressions/tflite-zero-point-overflow");
+
+    #[test]
+    fn buffers_that_name_the_same_bytes_cannot_claim_more_than_the_file() {
+        // 500 buffers, all the same 1024 bytes, in a file of 3 KiB.
+        let err = TfliteModel::parse(ALIASED_BUFFERS).unwrap_err();
+        assert!(err.to_string().contains("more than the file"), "{err}");
+    }
+
+    #[test]
+    fn an_overflowing_shape_or_zero_point_is_an_error_or_a_value_not_a_panic() {
+        let model = TfliteModel::parse(SHAPE_OVERFLOW).unwrap();
+        let err = model.dequantized(0).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        // A zero point of i64::MIN: the value saturates.
+        let model = TfliteModel::parse(ZERO_POINT_OVERFLOW).unwrap();
+        assert_eq!(model.dequantized(0).unwrap().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_fuzz_seed_reads() {
+        let model = TfliteModel::parse(include_bytes!("../../../fuzz/seeds/tflite/conv-dw-add-fc"))
+            .unwrap();
+        assert_eq!(model.tensors.len(), 6);
+        assert_eq!(model.operators.len(), 6);
+        assert_eq!(model.dequantized(1).unwrap().unwrap(), vec![1.5, -0.5]);
     }
 }

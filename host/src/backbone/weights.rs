@@ -204,18 +204,22 @@ fn load_legacy_pth(path: &Path, data: &[u8]) -> Result<TensorMap, WeightsError> 
         let kind = *kinds
             .get(key)
             .ok_or_else(|| format_err(path, format!("storage {key} is not used by any tensor")))?;
+        let start = pos + 8;
         let count = data
-            .get(pos..pos + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+            .get(pos..start)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
             .ok_or_else(|| truncated(path, key))?;
-        let len = count
-            .checked_mul(kind.size())
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(kind.size()))
             .ok_or_else(|| format_err(path, format!("storage {key}: absurd size {count}")))?;
-        let bytes = data
-            .get(pos + 8..pos + 8 + len)
+        // The count is read from the file: checked, so that a huge one is a truncation.
+        let bytes = start
+            .checked_add(len)
+            .and_then(|end| data.get(start..end))
             .ok_or_else(|| truncated(path, key))?;
         storages.insert(key.to_owned(), bytes);
-        pos += 8 + len;
+        pos = start + len;
     }
     materialise(path, tensors, |key| storages.get(key).map(|b| b.to_vec()))
 }
@@ -242,7 +246,9 @@ fn load_zip_pth(path: &Path, data: &[u8]) -> Result<TensorMap, WeightsError> {
     let read_entry =
         |archive: &mut zip::ZipArchive<_>, name: &str| -> Result<Vec<u8>, WeightsError> {
             let mut entry = archive.by_name(name).map_err(zip_err)?;
-            let mut buf = Vec::with_capacity(entry.size() as usize);
+            // The size is what the entry's header claims; it is checked as the entry is read.
+            let claimed = usize::try_from(entry.size()).unwrap_or(usize::MAX);
+            let mut buf = Vec::with_capacity(claimed.min(data.len()));
             entry
                 .read_to_end(&mut buf)
                 .map_err(|source| WeightsError::Io {
@@ -403,7 +409,7 @@ fn materialise(
             format_err(
                 path,
                 format!(
-                    "tensor {}: size {:?} with stride {:?} at offset {} reaches past its storage of {} elements",
+                    "tensor {}: size {:?} with stride {:?} at offset {} does not fit in its storage of {} elements",
                     t.name, t.size, t.stride, t.offset, numel
                 ),
             )
@@ -444,23 +450,28 @@ fn read_i64(b: &[u8], i: usize) -> i64 {
 }
 
 /// Storage indices of every element of a strided view, in row-major order of `size`; `None` if
-/// the view reaches outside a storage of `numel` elements.
+/// the view reaches outside a storage of `numel` elements or has more elements than it.
+///
+/// Only a view that overlaps itself (a stride of 0, as `expand` makes) can have more elements
+/// than its storage; PyTorch saves no weights so, and allowing it would let a few bytes of
+/// pickle claim a tensor of any size.
 fn strided_indices(
     size: &[usize],
     stride: &[usize],
     offset: usize,
     numel: usize,
 ) -> Option<Vec<usize>> {
-    let count: usize = size.iter().product();
+    let count = size.iter().try_fold(1usize, |c, &n| c.checked_mul(n))?;
     if count == 0 {
         return Some(Vec::new());
     }
-    let last = offset
-        + size
-            .iter()
-            .zip(stride)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>();
+    if count > numel {
+        return None;
+    }
+    // No dimension is 0 here; checked, since sizes and strides are read from the file.
+    let last = size.iter().zip(stride).try_fold(offset, |last, (&n, &s)| {
+        last.checked_add((n - 1).checked_mul(s)?)
+    })?;
     if last >= numel {
         return None;
     }
@@ -593,5 +604,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown weights format"));
+    }
+
+    #[test]
+    fn a_storage_count_past_the_file_is_truncation_not_an_overflow() {
+        let mut file = legacy_file((3, 1), &[0.0; 6]);
+        // The count before the 6 elements: one that makes the end of the storage overflow.
+        let at = file.len() - 6 * 4 - 8;
+        file[at..at + 8].copy_from_slice(&(u64::MAX / 4 - 1).to_le_bytes());
+        let err = parse(Path::new("w.pth"), &file).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        file[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = parse(Path::new("w.pth"), &file).unwrap_err().to_string();
+        assert!(err.contains("absurd size"), "{err}");
+    }
+
+    #[test]
+    fn a_view_with_more_elements_than_its_storage_is_refused() {
+        // Size (2^31 - 1, 2^31 - 1) with strides (0, 0) over a storage of 6 floats: 2^62
+        // elements, all in bounds.
+        let file = legacy_file((0, 0), &[0.0; 6]);
+        let size = b"K\x02K\x03\x86";
+        let at = file.windows(size.len()).position(|w| w == size).unwrap();
+        let mut huge = file[..at].to_vec();
+        huge.extend_from_slice(b"J\xff\xff\xff\x7fJ\xff\xff\xff\x7f\x86");
+        huge.extend_from_slice(&file[at + size.len()..]);
+        let err = parse(Path::new("w.pth"), &huge).unwrap_err().to_string();
+        assert!(err.contains("does not fit in its storage"), "{err}");
+        assert!(strided_indices(&[usize::MAX, 2], &[1, 1], 0, 6).is_none());
+        assert!(strided_indices(&[2, 2], &[usize::MAX, 1], 0, 6).is_none());
     }
 }
