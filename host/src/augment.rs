@@ -11,7 +11,7 @@
 use image::RgbImage;
 
 use crate::dataset;
-use crate::train::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Smallest crop, as a fraction of the photo's area.
 pub const MIN_AREA: f32 = 0.35;

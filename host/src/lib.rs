@@ -12,5 +12,6 @@ pub mod head;
 pub mod model;
 pub mod pipeline;
 pub mod report;
+pub mod rng;
 pub mod test_support;
 pub mod train;

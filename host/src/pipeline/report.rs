@@ -59,7 +59,7 @@ pub fn assemble(config: &Config, fitted: &Fitted, written: &Written, started: In
             export_s: written.export_s,
             verify_s: verified.verify_s,
             total_s: started.elapsed().as_secs_f64(),
-            peak_rss_mb: crate::cli::peak_rss_mb(),
+            peak_rss_mb: petcam_runtime::peak_rss_mb(),
         },
     };
     Trained {
