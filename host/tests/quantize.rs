@@ -1,29 +1,29 @@
 //! Every quantization form goes through export and tract; a broken quantization is refused.
 //!
-//! A head is trained on the features of 32 photos from `../shared`, then the real backbone plus
-//! that head is exported in each form and run with tract on 16 other photos.
+//! The pipeline's first two stages train a head on 32 photos from `../shared`; its export stage
+//! then builds the real backbone plus that head in each form, run with tract on 16 other photos.
+
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use petcam_host::backbone::Backbone;
+use petcam_host::backbone::LoadOptions;
 use petcam_host::dataset::{self, Dataset, Sample};
-use petcam_host::export::calibrate::{self, RangeMethod};
-use petcam_host::export::onnx;
+use petcam_host::export::calibrate::RangeMethod;
 use petcam_host::export::quantize::QuantizeForm;
-use petcam_host::export::verify::{self, VerifyError};
-use petcam_host::features::{self, FeatureSet};
-use petcam_host::head::HeadWeights;
+use petcam_host::export::verify::VerifyError;
 use petcam_host::model::{top1, ExportedModel};
+use petcam_host::pipeline::{
+    export, extract, fit, verify, BackboneConfig, CalibrationConfig, DataConfig, ExportSpec,
+    Exported, FeatureConfig, Fitted, PipelineError, Quantization, TrainingConfig, TrainingMode,
+    VerifyConfig,
+};
 use petcam_host::test_support::shared_fixture;
-use petcam_host::train::{self, TrainConfig};
-use petcam_shared::metadata;
+use petcam_host::train::TrainConfig;
 
 struct Fixture {
-    backbone: Backbone,
-    head: HeadWeights,
-    train: FeatureSet,
-    val: FeatureSet,
-    candle_probs: Vec<Vec<f32>>,
-    meta: Vec<(String, String)>,
+    fitted: Fitted,
+    /// The photos, as `train/<class>` and `val/<class>` links; exports go here too.
+    dir: tempfile::TempDir,
 }
 
 /// `per_class` samples of each class, spread over the list.
@@ -40,73 +40,88 @@ fn pick(samples: &[Sample], per_class: usize) -> Vec<Sample> {
     out
 }
 
-fn fixture() -> Option<Fixture> {
-    let weights = shared_fixture("backbones/efficientnet-lite0-57934424.pth")?;
-    let data = shared_fixture("datasets/cats-vs-dogs")?;
-    let backbone = Backbone::load("efficientnet-lite0", &weights, &Device::Cpu).unwrap();
-    let ds = Dataset::discover(&data, 0.2).unwrap();
-    let (train, _) = features::extract(&backbone, &pick(&ds.train, 16), None, 1, "train").unwrap();
-    let (val, _) = features::extract(&backbone, &pick(&ds.val, 8), None, 1, "val").unwrap();
-    let cfg = TrainConfig {
-        epochs: 30,
-        ..TrainConfig::default()
-    };
-    let head = train::train(&train, &val, 2, &cfg, &Device::Cpu, |_| {})
-        .unwrap()
-        .head;
-    let candle_probs = (0..val.len())
-        .map(|i| head.probabilities(val.row(i)))
-        .collect();
-    let input = onnx::input_spec(&backbone, false);
-    let meta = vec![
-        (metadata::LABELS.into(), r#"["cat","dog"]"#.into()),
-        (
-            metadata::INPUT.into(),
-            serde_json::to_string(&input).unwrap(),
-        ),
-    ];
-    Some(Fixture {
-        backbone,
-        head,
-        train,
-        val,
-        candle_probs,
-        meta,
-    })
-}
-
-fn calibration(f: &Fixture) -> calibrate::Calibration {
-    let images: Vec<_> = f
-        .train
-        .paths
-        .iter()
-        .step_by(4)
-        .map(|p| dataset::load_input(p, 224, 224).unwrap())
-        .collect();
-    calibrate::calibrate(
-        &f.backbone,
-        &f.head,
-        &images,
-        RangeMethod::Percentile,
-        &|| {},
-    )
-    .unwrap()
-}
-
-fn spec(
-    form: QuantizeForm,
-    cal: &calibrate::Calibration,
-    mirror_average: bool,
-) -> onnx::GraphSpec<'_> {
-    onnx::GraphSpec {
-        form: onnx::Form::new(form, cal),
-        mirror_average,
+/// Links `samples` into `dir/<split>/<class>/`.
+fn link(samples: &[Sample], classes: &[String], dir: &Path, split: &str) {
+    for s in samples {
+        let class = dir.join(split).join(&classes[s.label]);
+        std::fs::create_dir_all(&class).unwrap();
+        std::os::unix::fs::symlink(&s.path, class.join(s.path.file_name().unwrap())).unwrap();
     }
 }
 
-fn load(proto: &tract_onnx::pb::ModelProto, name: &str) -> ExportedModel {
+fn fixture() -> Option<Fixture> {
+    let weights = shared_fixture("backbones/efficientnet-lite0-57934424.pth")?;
+    let data = shared_fixture("datasets/cats-vs-dogs")?;
+    let ds = Dataset::discover(&data, 0.2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    link(&pick(&ds.train, 16), &ds.classes, dir.path(), "train");
+    link(&pick(&ds.val, 8), &ds.classes, dir.path(), "val");
+
+    let training = TrainingConfig {
+        mode: TrainingMode::Probe { views: None },
+        head: TrainConfig {
+            epochs: 30,
+            ..TrainConfig::default()
+        },
+        device: Device::Cpu,
+    };
+    let extracted = extract::extract(
+        &DataConfig {
+            root: dir.path().to_path_buf(),
+            val_fraction: 0.2,
+        },
+        &BackboneConfig {
+            name: "efficientnet-lite0".into(),
+            weights,
+            options: LoadOptions::default(),
+        },
+        &FeatureConfig {
+            cache_root: None,
+            extract_batch: 1,
+        },
+        &training,
+        false,
+    )
+    .unwrap();
+    assert_eq!((extracted.train.len(), extracted.val.len()), (32, 16));
+    let fitted = fit::fit(extracted, &training, 1).unwrap();
+    Some(Fixture { fitted, dir })
+}
+
+/// The export stage's quantization for `form`; `int8` calibrates on 8 training photos.
+fn quantization(form: QuantizeForm) -> Quantization {
+    match form {
+        QuantizeForm::None => Quantization::Float,
+        QuantizeForm::Int8Weights => Quantization::Int8Weights,
+        QuantizeForm::Int8 => Quantization::Int8(CalibrationConfig {
+            images: 8,
+            method: RangeMethod::Percentile,
+        }),
+    }
+}
+
+fn export(f: &Fixture, form: QuantizeForm, mirror_average: bool) -> Exported {
+    let spec = ExportSpec {
+        quantization: quantization(form),
+        mirror_average,
+    };
+    let out: PathBuf = f
+        .dir
+        .path()
+        .join(format!("{}-{mirror_average}", form.name()));
+    export::export(&f.fitted, &spec, &out).unwrap()
+}
+
+/// What `model.onnx` would hold, and its size in bytes.
+fn model_of(e: &Exported) -> (&ExportedModel, usize) {
     use prost::Message;
-    ExportedModel::from_bytes(&proto.encode_to_vec(), std::path::Path::new(name)).unwrap()
+    let (model, proto) = e.quantized.as_ref().unwrap_or(&e.float);
+    (model, proto.encoded_len())
+}
+
+fn load(proto: &tract_onnx::pb::ModelProto, path: &Path) -> ExportedModel {
+    use prost::Message;
+    ExportedModel::from_bytes(&proto.encode_to_vec(), path).unwrap()
 }
 
 /// Zeroes every value of the first initializer whose name starts with `prefix`.
@@ -125,19 +140,22 @@ fn zero_scale(proto: &mut tract_onnx::pb::ModelProto, prefix: &str) {
 #[test]
 fn every_form_round_trips_through_export_and_tract() {
     let Some(f) = fixture() else { return };
-    let cal = calibration(&f);
-    let build = |form| {
-        let proto =
-            onnx::build_model(&f.backbone, &f.head, spec(form, &cal, false), &f.meta).unwrap();
-        let bytes = {
-            use prost::Message;
-            proto.encoded_len()
-        };
-        (load(&proto, form.name()), bytes)
-    };
-    let (float, float_bytes) = build(QuantizeForm::None);
-    let (weights8, weights8_bytes) = build(QuantizeForm::Int8Weights);
-    let (int8, int8_bytes) = build(QuantizeForm::Int8);
+    let forms = [
+        QuantizeForm::None,
+        QuantizeForm::Int8Weights,
+        QuantizeForm::Int8,
+    ];
+    let exports = forms.map(|form| export(&f, form, false));
+    for (e, form) in exports.iter().zip(forms) {
+        assert_eq!(e.form(), form);
+        assert_eq!(e.quantized.is_some(), form != QuantizeForm::None);
+        assert_eq!(
+            e.quantization.calibration().is_some(),
+            form == QuantizeForm::Int8
+        );
+    }
+    let [(float, float_bytes), (weights8, weights8_bytes), (int8, int8_bytes)] =
+        [0, 1, 2].map(|i| model_of(&exports[i]));
 
     // What each graph is made of: 49 convolutions and the classifier.
     assert_eq!(float.graph.float_weight_layers, 50);
@@ -159,10 +177,10 @@ fn every_form_round_trips_through_export_and_tract() {
     );
 
     let mut worst = [0f32; 3];
-    for (i, path) in f.val.paths.iter().enumerate() {
+    for (i, path) in f.fitted.val.paths.iter().enumerate() {
         let img = dataset::load_input(path, 224, 224).unwrap();
-        let candle = &f.candle_probs[i];
-        for (k, m) in [&float, &weights8, &int8].iter().enumerate() {
+        let candle = &f.fitted.probabilities[i];
+        for (k, m) in [float, weights8, int8].iter().enumerate() {
             let p = m.predict(&img).unwrap();
             let d = p
                 .iter()
@@ -196,52 +214,42 @@ fn every_form_round_trips_through_export_and_tract() {
 #[test]
 fn a_model_with_a_zeroed_scale_is_refused_by_verification() {
     let Some(f) = fixture() else { return };
-    let cal = calibration(&f);
-    let float = load(
-        &onnx::build_model(
-            &f.backbone,
-            &f.head,
-            spec(QuantizeForm::None, &cal, false),
-            &f.meta,
-        )
-        .unwrap(),
-        "float",
-    );
-    let img = dataset::load_input(&f.val.paths[0], 224, 224).unwrap();
+    let config = VerifyConfig {
+        min_agreement: 0.995,
+        latency_runs: 1,
+        allow_accuracy_drop: false,
+        keep_float: false,
+    };
     for form in [QuantizeForm::Int8Weights, QuantizeForm::Int8] {
-        let mut proto =
-            onnx::build_model(&f.backbone, &f.head, spec(form, &cal, false), &f.meta).unwrap();
         // The intact model passes.
-        let good = load(&proto, form.name());
-        let v =
-            verify::verify(&float, Some(&good), &f.val, &f.candle_probs, 0.995, &img, 1).unwrap();
-        let q = v.quantized.as_ref().unwrap();
-        verify::check_accuracy_drop(form.name(), q).unwrap();
-        assert_eq!(v.float_latency.runs, 1);
-        assert!(v.quantized_latency.is_some());
+        let v = verify::verify(&f.fitted, export(&f, form, false), &config).unwrap();
+        assert!(v.check.quantized.is_some());
+        assert!(!v.accuracy_drop_accepted);
+        assert_eq!(v.check.float_latency.runs, 1);
+        assert!(v.check.quantized_latency.is_some());
 
         // The stem's weight scales zeroed: every photo looks the same to the head.
-        zero_scale(&mut proto, "stem_weight_scale");
-        let broken = load(&proto, form.name());
-        let v = verify::verify(
-            &float,
-            Some(&broken),
-            &f.val,
-            &f.candle_probs,
-            0.995,
-            &img,
-            1,
-        )
-        .unwrap();
-        let q = v.quantized.unwrap();
-        assert!(q.accuracy <= 0.5 + 1e-9, "{form:?}: {}", q.accuracy);
-        match verify::check_accuracy_drop(form.name(), &q) {
-            Err(e @ VerifyError::AccuracyDrop { .. }) => {
+        let mut broken = export(&f, form, false);
+        let (model, proto) = broken.quantized.as_mut().unwrap();
+        zero_scale(proto, "stem_weight_scale");
+        *model = load(proto, &broken.model_path);
+        match verify::verify(&f.fitted, broken, &config) {
+            Err(e @ PipelineError::AccuracyDrop { .. }) => {
                 let msg = e.to_string();
                 assert!(
-                    msg.contains(form.name()) && msg.contains("below the float"),
+                    msg.contains(form.name())
+                        && msg.contains("below the float")
+                        && msg.contains("--allow-accuracy-drop"),
                     "{msg}"
                 );
+                let PipelineError::AccuracyDrop {
+                    source: VerifyError::AccuracyDrop { accuracy, .. },
+                    ..
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert!(accuracy <= 0.5 + 1e-9, "{form:?}: {accuracy}");
             }
             other => panic!("{form:?}: broken model not refused: {other:?}"),
         }
@@ -251,8 +259,7 @@ fn a_model_with_a_zeroed_scale_is_refused_by_verification() {
 #[test]
 fn a_mirror_averaging_model_is_the_mean_of_the_photo_and_its_mirror() {
     let Some(f) = fixture() else { return };
-    let cal = calibration(&f);
-    let img = dataset::load_input(&f.val.paths[0], 224, 224).unwrap();
+    let img = dataset::load_input(&f.fitted.val.paths[0], 224, 224).unwrap();
     let mut flipped = img.clone();
     image::imageops::flip_horizontal_in_place(&mut flipped);
     for form in [
@@ -260,12 +267,8 @@ fn a_mirror_averaging_model_is_the_mean_of_the_photo_and_its_mirror() {
         QuantizeForm::Int8Weights,
         QuantizeForm::Int8,
     ] {
-        let build = |mirror| {
-            let proto =
-                onnx::build_model(&f.backbone, &f.head, spec(form, &cal, mirror), &f.meta).unwrap();
-            load(&proto, form.name())
-        };
-        let (plain, mirrored) = (build(false), build(true));
+        let (plain, mirrored) = (export(&f, form, false), export(&f, form, true));
+        let (plain, mirrored) = (model_of(&plain).0, model_of(&mirrored).0);
         // The mirror pass reuses the weights: the file grows by its nodes only.
         assert!(
             mirrored.bytes < plain.bytes + plain.bytes / 100,

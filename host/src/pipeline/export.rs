@@ -23,11 +23,10 @@ pub struct Exported {
     /// Where `model.onnx` goes, and `model-f32.onnx` when the float model is kept too.
     pub model_path: PathBuf,
     pub float_path: PathBuf,
-    pub form: QuantizeForm,
+    pub quantization: Quantized,
     pub mirror_average: bool,
     pub float: (ExportedModel, ModelProto),
     pub quantized: Option<(ExportedModel, ModelProto)>,
-    pub calibration: Option<Calibration>,
     /// The photo of the self-test entry, at the model's input size.
     pub golden_image: image::RgbImage,
     /// RFC 3339 time of export, also the report's.
@@ -40,6 +39,37 @@ impl Exported {
     pub fn model(&self) -> &ExportedModel {
         self.quantized.as_ref().map_or(&self.float.0, |(m, _)| m)
     }
+
+    /// The form of `model.onnx`.
+    pub fn form(&self) -> QuantizeForm {
+        self.quantization.graph_form().quantize_form()
+    }
+}
+
+/// The quantization of `model.onnx`, with the activation ranges `int8` was calibrated to.
+#[derive(Debug)]
+pub enum Quantized {
+    Float,
+    Int8Weights,
+    Int8(Calibration),
+}
+
+impl Quantized {
+    /// What the graph builder needs of it.
+    pub fn graph_form(&self) -> Form<'_> {
+        match self {
+            Self::Float => Form::Float,
+            Self::Int8Weights => Form::Int8Weights,
+            Self::Int8(c) => Form::Int8(c),
+        }
+    }
+
+    pub fn calibration(&self) -> Option<&Calibration> {
+        match self {
+            Self::Int8(c) => Some(c),
+            Self::Float | Self::Int8Weights => None,
+        }
+    }
 }
 
 /// Builds the float model and, when `spec` asks for one, the quantized one.
@@ -49,15 +79,12 @@ pub fn export(fitted: &Fitted, spec: &ExportSpec, out: &Path) -> Result<Exported
     let float_path = out.join("model-f32.onnx");
     let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let (meta, golden_image) = model_metadata(fitted, spec, &created)?;
-    let calibration = match spec.quantization {
-        Quantization::Int8(config) => Some(calibrate_int8(fitted, config)?),
-        Quantization::Float | Quantization::Int8Weights => None,
+    let quantization = match spec.quantization {
+        Quantization::Float => Quantized::Float,
+        Quantization::Int8Weights => Quantized::Int8Weights,
+        Quantization::Int8(config) => Quantized::Int8(calibrate_int8(fitted, config)?),
     };
-    let form = match (&spec.quantization, &calibration) {
-        (Quantization::Int8(_), Some(c)) => Form::Int8(c),
-        (Quantization::Int8Weights, _) => Form::Int8Weights,
-        _ => Form::Float,
-    };
+    let form = quantization.graph_form();
     let quantized = !matches!(form, Form::Float);
 
     let mut float_meta = meta.clone();
@@ -99,11 +126,10 @@ pub fn export(fitted: &Fitted, spec: &ExportSpec, out: &Path) -> Result<Exported
     Ok(Exported {
         model_path,
         float_path,
-        form: form.quantize_form(),
+        quantization,
         mirror_average: spec.mirror_average,
         float: (float_model, float_proto),
         quantized: quantized_model,
-        calibration,
         golden_image,
         created,
         export_s: t0.elapsed().as_secs_f64(),

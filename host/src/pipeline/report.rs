@@ -137,7 +137,7 @@ fn quantization_info(written: &Written) -> r::QuantizationInfo {
     };
     let graph = &verified.graph;
     r::QuantizationInfo {
-        form: written.exported().form.into(),
+        form: written.exported().form().into(),
         calibration: written.calibration().map(|c| r::CalibrationInfo {
             method: c.method.into(),
             images: c.images,

@@ -53,12 +53,12 @@ pub fn verify(
     })?;
     let mut accuracy_drop_accepted = false;
     if let Some(q) = &check.quantized {
-        if let Err(e) = verify::check_accuracy_drop(exported.form.name(), q) {
+        if let Err(e) = verify::check_accuracy_drop(exported.form().name(), q) {
             if !config.allow_accuracy_drop {
                 return Err(PipelineError::AccuracyDrop {
                     source: e,
                     path: exported.model_path.clone(),
-                    alternative: match exported.form {
+                    alternative: match exported.form() {
                         QuantizeForm::Int8 => "--quantize int8-weights or none",
                         _ => "--quantize none",
                     },
@@ -99,7 +99,7 @@ impl Written {
     }
 
     pub fn calibration(&self) -> Option<&Calibration> {
-        self.verified.exported.calibration.as_ref()
+        self.verified.exported.quantization.calibration()
     }
 }
 
