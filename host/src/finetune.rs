@@ -151,6 +151,10 @@ impl TrainConv {
         let x = x.permute((0, 3, 1, 2))?;
         let y = if c.groups == cout && x.device().is_cpu() {
             ops::depthwise(&x, w, bias, c.stride, c.padding, activation)?
+        } else if c.groups == cout {
+            let y = ops::depthwise_taps(&x, w, c.stride, c.padding)?
+                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+            activate(y, activation)?
         } else {
             let p = c.padding;
             let x = x

@@ -143,6 +143,8 @@ impl Conv {
                 self.padding,
                 self.activation,
             );
+        } else if self.is_depthwise() {
+            ops::depthwise_taps(x, &self.weight, self.stride, self.padding)?
         } else {
             let x = if self.padding.is_symmetric() {
                 x.clone()

@@ -7,6 +7,8 @@
 //! pixels, with the folded-BatchNorm bias and ReLU6 applied while the block is still in cache
 //! (candle would copy the input for im2col, then make two more passes for bias and activation).
 //! [`bias_activation`] fuses bias and ReLU6 into one pass for the remaining convolutions.
+//! On other devices (CUDA) the same layers run as candle expressions: [`depthwise_taps`], a
+//! broadcast matrix product, and bias and clamp as two ops.
 
 use std::mem::MaybeUninit;
 
@@ -490,6 +492,58 @@ impl CustomOp2 for BiasActivation {
     }
 }
 
+/// Depthwise convolution `[b, c, h, w]` by weight `[c, 1, kh, kw]`, without bias, as `kh * kw`
+/// shifted multiply-adds of the whole tensor in candle's own ops. This is the path on a GPU,
+/// where the custom op does not run and candle's grouped convolution would launch one
+/// convolution per channel; candle differentiates it like any other expression.
+pub fn depthwise_taps(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: Padding,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let (hp, wp) = (
+        h + padding.top + padding.bottom,
+        w + padding.left + padding.right,
+    );
+    if hp < kh || wp < kw || stride == 0 {
+        candle_core::bail!("depthwise: a {kh}x{kw} kernel does not fit a padded {hp}x{wp} input")
+    }
+    let (oh, ow) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
+    // `stride - 1` more zeros at the bottom and right let every tap take `stride * out` rows
+    // and columns, of which a reshape keeps every stride-th; the extra zeros are never kept.
+    let extra = stride - 1;
+    let x = x
+        .pad_with_zeros(2, padding.top, padding.bottom + extra)?
+        .pad_with_zeros(3, padding.left, padding.right + extra)?;
+    let mut sum: Option<Tensor> = None;
+    for i in 0..kh {
+        for j in 0..kw {
+            let tap = x.narrow(2, i, stride * oh)?.narrow(3, j, stride * ow)?;
+            let tap = if stride == 1 {
+                tap
+            } else {
+                tap.reshape((b, c, oh, stride, ow, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((b, c, oh, ow))?
+            };
+            let w_ij = weight
+                .narrow(2, i, 1)?
+                .narrow(3, j, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = tap.broadcast_mul(&w_ij)?;
+            sum = Some(match sum {
+                Some(s) => (s + term)?,
+                None => term,
+            });
+        }
+    }
+    sum.ok_or_else(|| candle_core::Error::Msg("depthwise: an empty kernel".into()))
+}
+
 /// `activation(x + bias)` for `x: [b, c, n]`, `bias: [c]`; one fused pass on CPU.
 pub fn bias_activation(
     x: &Tensor,
@@ -513,6 +567,58 @@ pub fn bias_activation(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The GPU path (candle expressions) computes what the CPU op computes, forward and
+    /// backward, for both kernel sizes, both strides and EfficientNet's asymmetric padding.
+    #[test]
+    fn depthwise_taps_match_the_cpu_op_and_its_gradients() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let asymmetric = |k: usize| Padding {
+            top: (k - 2) / 2,
+            left: (k - 2) / 2,
+            bottom: k / 2,
+            right: k / 2,
+        };
+        for (k, stride, padding, h) in [
+            (3, 1, Padding::symmetric(1), 7),
+            (5, 1, Padding::symmetric(2), 6),
+            (3, 2, asymmetric(3), 8),
+            (5, 2, asymmetric(5), 9),
+            (3, 2, Padding::symmetric(1), 7),
+        ] {
+            let c = 4;
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, h, h), &dev).unwrap()).unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev).unwrap()).unwrap();
+            let op = depthwise(&x, &w, &b, stride, padding, Activation::Relu6).unwrap();
+            let taps = depthwise_taps(&x, &w, stride, padding)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+                .unwrap()
+                .clamp(0f32, 6f32)
+                .unwrap();
+            assert_eq!(op.dims(), taps.dims(), "k {k} stride {stride}");
+            let d = crate::test_support::max_abs_diff(&op, &taps);
+            assert!(d < 1e-5, "k {k} stride {stride}: outputs differ by {d}");
+
+            let r = Tensor::randn(0f32, 1.0, op.shape(), &dev).unwrap();
+            let grads = |y: &Tensor| y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g_op, g_taps) = (grads(&op), grads(&taps));
+            for (var, name) in [(&x, "input"), (&w, "weight"), (&b, "bias")] {
+                let d = crate::test_support::max_abs_diff(
+                    g_op.get(var).unwrap(),
+                    g_taps.get(var).unwrap(),
+                );
+                assert!(
+                    d < 1e-4,
+                    "k {k} stride {stride}: {name} gradients differ by {d}"
+                );
+            }
+        }
+    }
 
     /// The backward pass against central finite differences of the forward pass (linear
     /// output), and the ReLU6 output against candle's own clamp on top of the linear op.
