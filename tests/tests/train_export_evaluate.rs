@@ -85,6 +85,32 @@ fn trains_exports_and_evaluates_a_small_cats_vs_dogs_model() {
     assert_eq!(eval["accuracy"].as_f64(), export["onnx_accuracy"].as_f64());
     assert_eq!(eval["confusion"].as_array().unwrap().len(), 2);
     assert!(eval["per_class"]["cat"]["recall"].is_number());
+    assert!(eval.get("photos").is_none());
+    // Photo by photo: what the accuracy was counted from.
+    let eval = run(cmd.arg("--per-photo"));
+    assert!(eval.status.success());
+    let eval: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let per_photo = eval["photos"].as_array().unwrap();
+    assert_eq!(per_photo.len(), 30);
+    let val_dir = photos.join("val").display().to_string();
+    let right = per_photo
+        .iter()
+        .filter(|p| {
+            let probs: Vec<f64> = p["probabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(probs.len(), 2);
+            assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{p}");
+            assert!(p["path"].as_str().unwrap().starts_with(&val_dir), "{p}");
+            p["label"] == p["predicted"]
+        })
+        .count();
+    // The accuracy is a share of 30 photos: the count it stands for.
+    let counted = (eval["accuracy"].as_f64().unwrap() * 30.0).round() as usize;
+    assert_eq!(right, counted);
 
     // The device runs the same file: `petcam-device classify` over the same folder gives the
     // same accuracy, and an unreadable image is reported on its own line without stopping it.

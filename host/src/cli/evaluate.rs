@@ -26,6 +26,10 @@ pub struct Args {
     /// Print one JSON object: accuracy, images, per_class, confusion, skipped.
     #[arg(long)]
     pub json: bool,
+    /// With --json, also `photos`: every photo's path, label, predicted label and
+    /// probabilities (to compare two models photo by photo).
+    #[arg(long, requires = "json")]
+    pub per_photo: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -63,13 +67,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .progress_chars("=> "),
     );
     bar.set_message("evaluate");
-    let results: Vec<Result<usize, String>> = samples
+    let results: Vec<Result<Vec<f32>, String>> = samples
         .par_iter()
         .map(|(path, _)| {
-            let r = model
-                .predict_file(path)
-                .map(|p| top1(&p).0)
-                .map_err(|e| e.to_string());
+            let r = model.predict_file(path).map_err(|e| e.to_string());
             bar.inc(1);
             r
         })
@@ -77,11 +78,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     let (mut truth, mut predicted, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let mut photos = Vec::new();
     for ((path, label), r) in samples.iter().zip(results) {
         match r {
             Ok(p) => {
+                let top = top1(&p).0;
                 truth.push(*label);
-                predicted.push(p);
+                predicted.push(top);
+                if args.per_photo {
+                    photos.push(serde_json::json!({
+                        "path": path.display().to_string(),
+                        "label": model.labels[*label],
+                        "predicted": model.labels[top],
+                        "probabilities": p,
+                    }));
+                }
             }
             Err(reason) => {
                 tracing::warn!("skipping {}: {reason}", path.display());
@@ -105,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "model": args.model.display().to_string(),
             "accuracy": eval.accuracy,
             "images": eval.images,
@@ -113,6 +124,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "confusion": eval.confusion,
             "skipped": skipped,
         });
+        if args.per_photo {
+            out["photos"] = serde_json::Value::Array(photos);
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
