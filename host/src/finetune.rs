@@ -151,19 +151,19 @@ impl TrainConv {
         let x = x.permute((0, 3, 1, 2))?;
         let y = if c.groups == cout && x.device().is_cpu() {
             ops::depthwise(&x, w, bias, c.stride, c.padding, activation)?
-        } else if c.groups == cout {
-            let y = ops::depthwise_taps(&x, w, c.stride, c.padding)?
-                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
-            activate(y, activation)?
         } else {
-            let p = c.padding;
-            let x = x
-                .pad_with_zeros(2, p.top, p.bottom)?
-                .pad_with_zeros(3, p.left, p.right)?;
-            let y = x
-                .conv2d(w, 0, c.stride, 1, c.groups)?
-                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
-            activate(y, activation)?
+            let y = if c.groups == cout {
+                ops::depthwise_taps(&x, w, c.stride, c.padding)?
+            } else {
+                let p = c.padding;
+                x.pad_with_zeros(2, p.top, p.bottom)?
+                    .pad_with_zeros(3, p.left, p.right)?
+                    .conv2d(w, 0, c.stride, 1, c.groups)?
+            };
+            activate(
+                y.broadcast_add(&bias.reshape((1, cout, 1, 1))?)?,
+                activation,
+            )?
         };
         y.permute((0, 2, 3, 1))?.contiguous()
     }
