@@ -28,6 +28,9 @@ pub struct FrameQueue<T> {
 #[derive(Debug)]
 struct QueueState<T> {
     items: VecDeque<T>,
+    /// How many items at the front came through [`FrameQueue::push_urgent`]: they keep their
+    /// order among themselves and do not count against the capacity.
+    urgent: usize,
     closed: bool,
     dropped: u64,
 }
@@ -37,6 +40,7 @@ impl<T> FrameQueue<T> {
         Self {
             state: Mutex::new(QueueState {
                 items: VecDeque::new(),
+                urgent: 0,
                 closed: false,
                 dropped: 0,
             }),
@@ -45,29 +49,35 @@ impl<T> FrameQueue<T> {
         }
     }
 
-    /// Adds a frame; when full, the oldest queued frame is dropped (and counted).
+    /// Adds a frame; when full, the oldest queued frame is dropped (and counted). Urgent items
+    /// are never dropped.
     pub fn push_dropping_oldest(&self, item: T) {
         let mut s = self.state.lock().expect("queue lock");
-        if s.items.len() == self.capacity {
-            s.items.pop_front();
+        if s.items.len() - s.urgent >= self.capacity {
+            let oldest = s.urgent;
+            s.items.remove(oldest);
             s.dropped += 1;
         }
         s.items.push_back(item);
         self.changed.notify_all();
     }
 
-    /// Puts an item first in line, beyond the capacity if need be: for the few messages that
-    /// must not be dropped (the replies a waiting host needs).
-    pub fn push_front(&self, item: T) {
+    /// Puts an item ahead of every ordinary one but behind the urgent ones queued before it,
+    /// beyond the capacity if need be: for the replies a waiting host needs, which must be
+    /// neither dropped nor reordered (a host reads a late `Ack` of a chunk as the answer to
+    /// whatever it sent next).
+    pub fn push_urgent(&self, item: T) {
         let mut s = self.state.lock().expect("queue lock");
-        s.items.push_front(item);
+        let at = s.urgent;
+        s.items.insert(at, item);
+        s.urgent += 1;
         self.changed.notify_all();
     }
 
     /// Adds a frame, waiting for room. Returns false when the queue was closed meanwhile.
     pub fn push_waiting(&self, item: T) -> bool {
         let mut s = self.state.lock().expect("queue lock");
-        while s.items.len() == self.capacity && !s.closed {
+        while s.items.len() - s.urgent >= self.capacity && !s.closed {
             s = self.changed.wait(s).expect("queue lock");
         }
         if s.closed {
@@ -83,6 +93,7 @@ impl<T> FrameQueue<T> {
         let mut s = self.state.lock().expect("queue lock");
         loop {
             if let Some(item) = s.items.pop_front() {
+                s.urgent = s.urgent.saturating_sub(1);
                 self.changed.notify_all();
                 return Some(item);
             }
@@ -325,6 +336,39 @@ mod tests {
         assert_eq!(q.pop(), Some(4));
         q.close();
         assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn urgent_items_go_first_in_their_order_and_are_never_dropped() {
+        let q = FrameQueue::new(2);
+        q.push_dropping_oldest("telemetry 1");
+        q.push_urgent("reply 1");
+        q.push_urgent("reply 2");
+        q.push_dropping_oldest("telemetry 2");
+        q.push_urgent("reply 3");
+        // Full of ordinary items: the oldest of those goes, no reply does.
+        q.push_dropping_oldest("telemetry 3");
+        assert_eq!(q.dropped(), 1);
+        let order: Vec<_> = (0..5).map(|_| q.pop().unwrap()).collect();
+        assert_eq!(
+            order,
+            [
+                "reply 1",
+                "reply 2",
+                "reply 3",
+                "telemetry 2",
+                "telemetry 3"
+            ]
+        );
+        // Taking a reply frees the urgent lane in order too.
+        q.push_urgent("reply 4");
+        q.push_dropping_oldest("telemetry 4");
+        q.push_urgent("reply 5");
+        assert_eq!(q.pop(), Some("reply 4"));
+        q.push_urgent("reply 6");
+        assert_eq!(q.pop(), Some("reply 5"));
+        assert_eq!(q.pop(), Some("reply 6"));
+        assert_eq!(q.pop(), Some("telemetry 4"));
     }
 
     #[test]

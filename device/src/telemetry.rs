@@ -115,9 +115,10 @@ impl Telemetry {
         self.queue.push_dropping_oldest(msg);
     }
 
-    /// Sends a message before anything queued, and never drops it: a reply the host waits for.
+    /// Sends a message before any telemetry queued, after the replies queued before it, and
+    /// never drops it: a reply the host waits for.
     pub fn send_urgent(&self, msg: Message) {
-        self.queue.push_front(msg);
+        self.queue.push_urgent(msg);
     }
 
     /// The `Hello` this side sends.

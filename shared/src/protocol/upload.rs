@@ -351,8 +351,9 @@ impl<E: fmt::Debug + fmt::Display> core::error::Error for RequestError<E> {}
 ///
 /// Refusals that only a chunk can get are echoes of chunks sent earlier, not answers to
 /// `message`: chunks of an earlier session ("no upload in progress", to a `Begin`), and chunks
-/// sent twice ("bad offset" expecting `stale`: the device holds everything). Those, telemetry
-/// and every resend go to `observe`.
+/// sent twice ("bad offset" expecting `stale`: the device holds everything). So are
+/// acknowledgements short of `stale`: late answers to chunks, where the answer to a `Commit`
+/// acknowledges the whole image. Those, telemetry and every resend go to `observe`.
 pub fn request<T: Transport>(
     transport: &mut T,
     message: &Message,
@@ -372,6 +373,9 @@ pub fn request<T: Transport>(
             .map_err(RequestError::Transport)?
         {
             match reply {
+                Message::Ack { offset } if stale.is_some_and(|whole| offset < whole) => {
+                    observe(Event::Other(&reply))
+                }
                 Message::Ack { offset } => return Ok(offset),
                 Message::Nack(Nack {
                     reason: NackReason::BadOffset,
@@ -742,5 +746,38 @@ mod tests {
         }
         assert_eq!(b.recv(Duration::from_millis(10)).unwrap(), None);
         assert!(a.flipped > 0 && a.dropped == 0);
+    }
+
+    #[test]
+    fn late_answers_to_chunks_are_not_taken_for_the_answer_to_a_commit() {
+        let (mut host, mut device) = MemoryLink::pair(Noise::default(), 1);
+        // What a device still had queued when the host sent `Commit`: answers to chunks.
+        for offset in [2048, 4096] {
+            device.send(&Message::Ack { offset }).unwrap();
+        }
+        device
+            .send(&Message::Nack(Nack {
+                reason: NackReason::BadOffset,
+                expected_offset: 6000,
+                detail: String::new(),
+            }))
+            .unwrap();
+        device.send(&Message::Ack { offset: 6000 }).unwrap();
+        let retry = Retry {
+            retries: 0,
+            timeout: Duration::from_secs(1),
+        };
+        let mut echoes = 0;
+        let answer = request(&mut host, &Message::Commit, retry, Some(6000), |e| {
+            if matches!(e, Event::Other(_)) {
+                echoes += 1;
+            }
+        });
+        assert_eq!(answer.unwrap(), 6000);
+        assert_eq!(echoes, 3);
+        assert_eq!(
+            device.recv(Duration::from_secs(1)).unwrap(),
+            Some(Message::Commit)
+        );
     }
 }
